@@ -1,0 +1,321 @@
+"""Data registration (one place): which obs columns feed which prior, and how they are encoded.
+
+A :class:`DataRegistry` records the count layer, the label column, the batch column and the
+extra invariant (biological) and spurious (technical) covariates, together with the categories
+seen in training. It encodes any AnnData with the same columns into arrays for the model, and
+refuses categories it has not seen (defect 8 of the reference code silently zero-encoded them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .errors import ScinvInputError
+
+UNKNOWN_LABEL = "Unknown"
+
+
+@dataclass
+class Covariate:
+    """One obs column: categorical (one-hot encoded) or continuous (standardised)."""
+
+    key: str
+    categorical: bool
+    categories: list[str] = field(default_factory=list)
+    mean: float = 0.0
+    std: float = 1.0
+
+    @property
+    def width(self) -> int:
+        return len(self.categories) if self.categorical else 1
+
+    def encode(self, obs: pd.DataFrame, where: str) -> np.ndarray:
+        """Return an (n_cells, width) float32 array."""
+        if self.key not in obs.columns:
+            raise ScinvInputError(f"{where}: obs column '{self.key}' is missing; add it or drop it from the model setup")
+        col = obs[self.key]
+        if not self.categorical:
+            values = pd.to_numeric(col, errors="coerce").to_numpy(np.float64)
+            if not np.all(np.isfinite(values)):
+                raise ScinvInputError(f"{where}: continuous column '{self.key}' has missing or non-numeric values; fill them in")
+            return ((values - self.mean) / self.std).astype(np.float32)[:, None]
+        values = col.astype(str).to_numpy()
+        lookup = {c: i for i, c in enumerate(self.categories)}
+        codes = np.fromiter((lookup.get(v, -1) for v in values), dtype=np.int64, count=len(values))
+        if (codes < 0).any():
+            unseen = sorted(set(values[codes < 0]))[:5]
+            raise ScinvInputError(
+                f"{where}: column '{self.key}' has categories not seen in training {unseen}; "
+                "use InVAE.map_query to add new batches, or relabel them to known categories"
+            )
+        onehot = np.zeros((len(values), self.width), dtype=np.float32)
+        onehot[np.arange(len(values)), codes] = 1.0
+        return onehot
+
+    @classmethod
+    def fit(cls, obs: pd.DataFrame, key: str, where: str, categorical: bool | None = None) -> "Covariate":
+        if key not in obs.columns:
+            raise ScinvInputError(f"{where}: obs column '{key}' not found (available: {list(obs.columns)[:12]}); fix the key")
+        col = obs[key]
+        if categorical is None:
+            categorical = not pd.api.types.is_float_dtype(col)
+        if categorical:
+            if col.isna().any():
+                raise ScinvInputError(f"{where}: column '{key}' has missing values; fill them in (e.g. with 'Unknown')")
+            cats = sorted(col.astype(str).unique().tolist())
+            return cls(key=key, categorical=True, categories=cats)
+        values = pd.to_numeric(col, errors="coerce").to_numpy(np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ScinvInputError(f"{where}: continuous column '{key}' has missing or non-numeric values; fill them in")
+        std = float(values.std()) or 1.0
+        return cls(key=key, categorical=False, mean=float(values.mean()), std=std)
+
+
+@dataclass
+class EncodedData:
+    """Everything the module needs for a set of cells; arrays are row-aligned.
+
+    X: (n_cells, n_genes) CSR float32 counts, or a backed dataset.
+    inv_covariates: (n_cells, d_inv) float32, spur_covariates: (n_cells, d_spur) float32.
+    labels: (n_cells,) int64 label codes, -1 where unknown or when no label is registered.
+    environments: (n_cells,) int64 batch codes (environments for the invariant predictor).
+    """
+
+    X: object
+    inv_covariates: np.ndarray
+    spur_covariates: np.ndarray
+    labels: np.ndarray
+    environments: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        return self.X.shape[0]
+
+
+@dataclass
+class DataRegistry:
+    layer: str | None = None
+    batch_key: str | None = None
+    label_key: str | None = None
+    unknown_label: str = UNKNOWN_LABEL
+    labels: list[str] = field(default_factory=list)
+    batch: Covariate | None = None
+    invariant: list[Covariate] = field(default_factory=list)
+    spurious: list[Covariate] = field(default_factory=list)
+    var_names: list[str] = field(default_factory=list)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        label_key: str | None = None,
+        unknown_label: str = UNKNOWN_LABEL,
+        invariant_keys: Sequence[str] = (),
+        spurious_keys: Sequence[str] = (),
+        continuous_keys: Sequence[str] = (),
+        where: str = "AnnData",
+    ) -> "DataRegistry":
+        """Fit category maps from `adata.obs`. Columns in `continuous_keys` are standardised."""
+        if layer is not None and layer not in adata.layers:
+            raise ScinvInputError(f"{where}: layer '{layer}' not found (layers: {list(adata.layers)}); fix --layer")
+        reg = cls(layer=layer, batch_key=batch_key, label_key=label_key, unknown_label=unknown_label)
+        reg.var_names = adata.var_names.astype(str).tolist()
+        obs = adata.obs
+        cont = set(continuous_keys)
+        if label_key:
+            if label_key not in obs.columns:
+                raise ScinvInputError(f"{where}: label column '{label_key}' not found in obs; fix --label_key")
+            col = obs[label_key].astype(str).fillna(unknown_label)
+            reg.labels = sorted(set(col.unique()) - {unknown_label, "nan"})
+            if not reg.labels:
+                raise ScinvInputError(f"{where}: label column '{label_key}' holds only '{unknown_label}'; label some cells")
+        if batch_key:
+            reg.batch = Covariate.fit(obs, batch_key, where, categorical=True)
+        for key in invariant_keys:
+            if key in (label_key, batch_key):
+                continue
+            reg.invariant.append(Covariate.fit(obs, key, where, categorical=False if key in cont else None))
+        for key in spurious_keys:
+            if key in (label_key, batch_key):
+                continue
+            reg.spurious.append(Covariate.fit(obs, key, where, categorical=False if key in cont else None))
+        return reg
+
+    # -- widths -----------------------------------------------------------------------------
+    @property
+    def n_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_batches(self) -> int:
+        return self.batch.width if self.batch else 1
+
+    @property
+    def inv_width(self) -> int:
+        """Width of the invariant covariates excluding the label one-hot."""
+        return sum(c.width for c in self.invariant)
+
+    @property
+    def spur_width(self) -> int:
+        return (self.batch.width if self.batch else 0) + sum(c.width for c in self.spurious)
+
+    # -- encoding ---------------------------------------------------------------------------
+    def counts(self, adata, where: str = "AnnData"):
+        X = adata.layers[self.layer] if self.layer else adata.X
+        if getattr(adata, "isbacked", False) and self.layer is None:
+            return adata.X  # backed sparse dataset: rows are read per chunk by the loader
+        if not sp.issparse(X):
+            X = sp.csr_matrix(np.asarray(X, dtype=np.float32))
+        return sp.csr_matrix(X, dtype=np.float32)
+
+    def encode_labels(self, obs: pd.DataFrame, where: str, required: bool = False) -> np.ndarray:
+        n = len(obs)
+        if not self.label_key or self.label_key not in obs.columns:
+            if required and self.label_key:
+                raise ScinvInputError(f"{where}: label column '{self.label_key}' not found in obs")
+            return np.full(n, -1, dtype=np.int64)
+        values = obs[self.label_key].astype(str).to_numpy()
+        lookup = {c: i for i, c in enumerate(self.labels)}
+        codes = np.fromiter((lookup.get(v, -1) for v in values), dtype=np.int64, count=n)
+        known = (values != self.unknown_label) & (values != "nan")
+        unseen = sorted(set(values[(codes < 0) & known]))[:5]
+        if unseen:
+            raise ScinvInputError(
+                f"{where}: label column '{self.label_key}' has labels not seen in training {unseen}; "
+                f"set them to '{self.unknown_label}' to have them predicted"
+            )
+        return codes
+
+    def encode(self, adata, where: str = "AnnData", use_labels: bool = True) -> EncodedData:
+        """Encode `adata` with the training category maps. Missing label column = all unknown."""
+        obs = adata.obs
+        if self.var_names and list(adata.var_names.astype(str)) != self.var_names:
+            raise ScinvInputError(
+                f"{where}: genes differ from the training genes ({adata.n_vars} vs {len(self.var_names)}); "
+                "subset the data to the model's genes (model.var_names) in the same order"
+            )
+        n = adata.n_obs
+        inv = [c.encode(obs, where) for c in self.invariant]
+        spur = ([self.batch.encode(obs, where)] if self.batch else []) + [c.encode(obs, where) for c in self.spurious]
+        env = (
+            np.argmax(self.batch.encode(obs, where), axis=1).astype(np.int64)
+            if self.batch
+            else np.zeros(n, dtype=np.int64)
+        )
+        labels = self.encode_labels(obs, where) if use_labels else np.full(n, -1, dtype=np.int64)
+        return EncodedData(
+            X=self.counts(adata, where),
+            inv_covariates=np.concatenate(inv, axis=1) if inv else np.zeros((n, 0), np.float32),
+            spur_covariates=np.concatenate(spur, axis=1) if spur else np.zeros((n, 0), np.float32),
+            labels=labels,
+            environments=env,
+        )
+
+    # -- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataRegistry":
+        d = dict(d)
+        d["batch"] = Covariate(**d["batch"]) if d.get("batch") else None
+        d["invariant"] = [Covariate(**c) for c in d.get("invariant", [])]
+        d["spurious"] = [Covariate(**c) for c in d.get("spurious", [])]
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Minibatches
+
+
+class MinibatchLoader:
+    """Yield minibatches as dense tensors from sparse CSR rows; never densifies the whole matrix.
+
+    For backed (on-disk) data, rows are read in contiguous chunks of `chunk_size` cells whose order
+    is shuffled, then shuffled within the chunk, so memory stays flat in the number of cells.
+
+    Each batch is a dict of tensors: x (B, G) counts, inv (B, d_inv), spur (B, d_spur),
+    label (B,), env (B,), index (B,) row positions in the encoded data.
+    """
+
+    def __init__(
+        self,
+        data: EncodedData,
+        indices: np.ndarray | None = None,
+        batch_size: int = 256,
+        shuffle: bool = True,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        chunk_size: int = 16384,
+        drop_last: bool = False,
+    ):
+        self.data = data
+        self.indices = np.arange(data.n_cells) if indices is None else np.asarray(indices)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.rng = np.random.default_rng(seed)
+        self.device = torch.device(device)
+        self.backed = not sp.issparse(data.X)
+        self.chunk_size = chunk_size
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _order(self) -> Iterator[np.ndarray]:
+        idx = self.indices
+        if not self.backed:
+            order = self.rng.permutation(idx) if self.shuffle else idx
+            yield order
+            return
+        idx = np.sort(idx)
+        chunks = [idx[i : i + self.chunk_size] for i in range(0, len(idx), self.chunk_size)]
+        if self.shuffle:
+            chunks = [chunks[i] for i in self.rng.permutation(len(chunks))]
+        yield from chunks
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        d = self.data
+        pin = self.device.type == "cuda"
+        for chunk in self._order():
+            chunk_x = None
+            if self.backed:
+                chunk_x = sp.csr_matrix(d.X[chunk[0] : chunk[-1] + 1][chunk - chunk[0]], dtype=np.float32)
+                pos = self.rng.permutation(len(chunk)) if self.shuffle else np.arange(len(chunk))
+            else:
+                pos = chunk
+            for start in range(0, len(pos), self.batch_size):
+                sel = pos[start : start + self.batch_size]
+                if self.drop_last and len(sel) < self.batch_size:
+                    break
+                rows = chunk[sel] if self.backed else sel
+                x = chunk_x[sel].toarray() if self.backed else d.X[sel].toarray()
+                batch = {
+                    "x": torch.from_numpy(x),
+                    "inv": torch.from_numpy(d.inv_covariates[rows]),
+                    "spur": torch.from_numpy(d.spur_covariates[rows]),
+                    "label": torch.from_numpy(d.labels[rows]),
+                    "env": torch.from_numpy(d.environments[rows]),
+                    "index": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
+                }
+                if self.device.type != "cpu":
+                    batch = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()}
+                yield batch
+
+
+def split_train_validation(n_cells: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random split of row positions; returns (train, validation), validation possibly empty."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n_cells)
+    n_val = int(round(n_cells * validation_fraction)) if n_cells >= 20 else 0
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])

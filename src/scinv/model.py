@@ -1,0 +1,451 @@
+"""User-facing inVAE model: setup from AnnData, train, latents, invariant predictor, save/load, query mapping.
+
+Example::
+
+    model = InVAE(adata, layer="counts", batch_key="batch", label_key="cell_type")
+    model.train(max_epochs=200)
+    adata.obsm["X_scinv_inv"] = model.get_latent_representation(adata, "inv")
+    model.train_predictor()
+    labels, probs = model.predict(adata)
+    model.save("model_dir")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .data import UNKNOWN_LABEL, DataRegistry, EncodedData, MinibatchLoader, split_train_validation
+from .errors import ScinvInputError
+from .module import InVAEModule, InvariantClassifier, invariant_risk
+from .training import Trainer, TrainingConfig, progress, resolve_device, seed_everything
+
+MODEL_FORMAT = 1
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+REPRESENTATIONS = ("inv", "spur", "full")
+
+
+class InVAE:
+    """Conditionally invariant VAE with an invariant label predictor.
+
+    Parameters
+    ----------
+    adata
+        Training data with raw counts in `layer` (or X).
+    batch_key
+        Batch column: the environments, and the first technical covariate of the spurious prior.
+    label_key
+        Label column (e.g. cell type): the first biological covariate of the invariant prior and
+        the target of the predictor. Cells with `unknown_label` use the label-marginal prior.
+    invariant_keys, spurious_keys
+        Extra biological / technical obs columns for the two priors; `continuous_keys` lists those
+        to treat as continuous.
+    n_latent_inv, n_latent_spur, n_hidden, n_layers, dropout, batch_norm
+        Architecture (encoder and decoder both use n_layers hidden layers of n_hidden units).
+    prior_mode
+        'mean' (learned mean, unit variance), 'variance' (zero mean, learned variance) or 'both'.
+    """
+
+    def __init__(
+        self,
+        adata=None,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        label_key: str | None = None,
+        unknown_label: str = UNKNOWN_LABEL,
+        invariant_keys: Sequence[str] = (),
+        spurious_keys: Sequence[str] = (),
+        continuous_keys: Sequence[str] = (),
+        n_latent_inv: int = 20,
+        n_latent_spur: int = 5,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+        prior_mode: str = "mean",
+        kl_estimator: str = "analytic",
+        tc_weight: float = 0.0,
+        predictor_hidden: int = 64,
+        _registry: DataRegistry | None = None,
+        _where: str = "AnnData",
+    ):
+        self.registry = _registry or DataRegistry.from_anndata(
+            adata, layer, batch_key, label_key, unknown_label, invariant_keys, spurious_keys, continuous_keys, _where
+        )
+        self.hparams = dict(
+            n_latent_inv=n_latent_inv, n_latent_spur=n_latent_spur, n_hidden=n_hidden, n_layers=n_layers,
+            dropout=dropout, batch_norm=batch_norm, prior_mode=prior_mode, kl_estimator=kl_estimator,
+            tc_weight=tc_weight, predictor_hidden=predictor_hidden,
+        )
+        self.adata = adata
+        self._data: EncodedData | None = self.registry.encode(adata, _where) if adata is not None else None
+        if self._data is not None:
+            from .io import check_counts
+
+            check_counts(self._data.X if not getattr(adata, "isbacked", False) else adata.X[: min(adata.n_obs, 2000)], _where)
+        self.module = self._build_module(self._label_frequencies())
+        self.predictor: InvariantClassifier | None = None
+        self.history: list[dict] = []
+        self.predictor_history: list[dict] = []
+        self.device = torch.device("cpu")
+
+    # -- construction helpers -------------------------------------------------------------------------
+    def _label_frequencies(self) -> torch.Tensor | None:
+        if self._data is None or self.registry.n_labels == 0:
+            return None
+        labels = self._data.labels[self._data.labels >= 0]
+        counts = np.bincount(labels, minlength=self.registry.n_labels).astype(np.float32) + 1.0
+        return torch.from_numpy(counts / counts.sum())
+
+    def _build_module(self, label_frequencies=None) -> InVAEModule:
+        h = self.hparams
+        return InVAEModule(
+            n_genes=len(self.registry.var_names),
+            n_labels=self.registry.n_labels,
+            n_inv_covariates=self.registry.inv_width,
+            n_spur_covariates=self.registry.spur_width,
+            n_latent_inv=h["n_latent_inv"], n_latent_spur=h["n_latent_spur"], n_hidden=h["n_hidden"],
+            n_layers=h["n_layers"], dropout=h["dropout"], batch_norm=h["batch_norm"], prior_mode=h["prior_mode"],
+            kl_estimator=h["kl_estimator"], tc_weight=h["tc_weight"], label_frequencies=label_frequencies,
+        )
+
+    @property
+    def var_names(self) -> list[str]:
+        return list(self.registry.var_names)
+
+    def _encoded(self, adata, use_labels: bool = True) -> EncodedData:
+        if adata is None:
+            if self._data is None:
+                raise ScinvInputError("no data: pass an AnnData (the model was loaded without training data)")
+            return self._data
+        return self.registry.encode(adata, "AnnData", use_labels=use_labels)
+
+    # -- training -------------------------------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int = 200,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        kl_warmup_epochs: int = 20,
+        validation_fraction: float = 0.1,
+        early_stopping_patience: int = 20,
+        seed: int = 0,
+        device: str | None = "auto",
+        mixed_precision: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        resume: bool = True,
+        log_every: int = 1,
+    ) -> list[dict]:
+        """Train the VAE. Returns the per-epoch history (train/validation loss per term, lr, seconds).
+
+        With `checkpoint_dir` and `checkpoint_every` > 0 the full state (weights, optimiser,
+        scheduler, RNG, epoch) is saved every N epochs, and a new call resumes from it.
+        """
+        if self._data is None:
+            raise ScinvInputError("this model has no training data; create it from an AnnData to train")
+        config = TrainingConfig(
+            max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            kl_warmup_epochs=kl_warmup_epochs, validation_fraction=validation_fraction,
+            early_stopping_patience=early_stopping_patience, seed=seed, mixed_precision=mixed_precision,
+            checkpoint_every=checkpoint_every, log_every=log_every,
+        )
+        self.device = resolve_device(device)
+        seed_everything(seed)
+        self.module = self._build_module(self._label_frequencies())
+        trainer = Trainer(self.module, self._data, config, self.device)
+        self.history = trainer.fit(checkpoint_dir, resume)
+        self.train_config = asdict(config)
+        self._split = (trainer.train_idx, trainer.val_idx)
+        return self.history
+
+    # -- inference ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def get_latent_representation(self, adata=None, representation: str = "inv", batch_size: int = 2048, sample: bool = False) -> np.ndarray:
+        """Posterior means (n_cells, D_rep) for 'inv' (D_inv), 'spur' (D_spur) or 'full' (D).
+
+        Only counts are read: labels and covariates of `adata` never change the latent.
+        """
+        if representation not in REPRESENTATIONS:
+            raise ValueError(f"representation must be one of {REPRESENTATIONS}")
+        data = self._encoded_counts_only(adata)
+        self.module.eval().to(self.device)
+        out = []
+        for batch in MinibatchLoader(data, batch_size=batch_size, shuffle=False, device=self.device):
+            qm, qv = self.module.encode(batch["x"])
+            z = qm + qv.sqrt() * torch.randn_like(qm) if sample else qm
+            out.append(z.float().cpu())
+        z = torch.cat(out).numpy()
+        d = self.hparams["n_latent_inv"]
+        return {"inv": z[:, :d], "spur": z[:, d:], "full": z}[representation]
+
+    def _encoded_counts_only(self, adata) -> EncodedData:
+        if adata is None:
+            return self._encoded(None)
+        if list(adata.var_names.astype(str)) != self.registry.var_names:
+            raise ScinvInputError(
+                f"AnnData genes differ from the model's ({adata.n_vars} vs {len(self.registry.var_names)}); "
+                "subset to model.var_names in the same order"
+            )
+        n = adata.n_obs
+        empty = np.zeros((n, 0), np.float32)
+        neg = np.full(n, -1, np.int64)
+        return EncodedData(self.registry.counts(adata), empty, empty, neg, np.zeros(n, np.int64))
+
+    # -- invariant predictor -------------------------------------------------------------------------
+    def train_predictor(
+        self,
+        max_epochs: int = 100,
+        batch_size: int = 512,
+        lr: float = 1e-3,
+        irm_weight: float = 0.0,
+        n_samples: int = 1,
+        early_stopping_patience: int = 10,
+        seed: int = 0,
+    ) -> list[dict]:
+        """Fit the label classifier on z_inv of the labelled training cells, across environments.
+
+        The objective is environment-balanced ERM (each batch weighs the same), plus the IRMv1
+        penalty when `irm_weight` > 0. Each epoch draws fresh posterior samples of z_inv
+        (`n_samples` per cell) as augmentation; validation uses posterior means.
+        """
+        if self.registry.n_labels < 2:
+            raise ScinvInputError("the predictor needs a label_key with at least two known labels")
+        data = self._encoded(None)
+        seed_everything(seed)
+        mean, var = self._posterior(data)
+        labelled = np.flatnonzero(data.labels >= 0)
+        train_idx, val_idx = split_train_validation(len(labelled), 0.1, seed)
+        train_idx, val_idx = labelled[train_idx], labelled[val_idx]
+        y = torch.from_numpy(data.labels)
+        env = torch.from_numpy(data.environments)
+        n_env = self.registry.n_batches
+        d = self.hparams["n_latent_inv"]
+        self.predictor = InvariantClassifier(d, self.registry.n_labels, self.hparams["predictor_hidden"])
+        opt = torch.optim.AdamW(self.predictor.parameters(), lr=lr, weight_decay=1e-4)
+        gen = torch.Generator().manual_seed(seed)
+        best, best_state, bad, history = np.inf, None, 0, []
+        for epoch in range(max_epochs):
+            self.predictor.train()
+            order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
+            order = order.repeat(n_samples)
+            total, penalty_total = 0.0, 0.0
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                z = mean[idx] + var[idx].sqrt() * torch.randn(len(idx), d, generator=gen)
+                obj, pen = invariant_risk(self.predictor(z), y[idx], env[idx], n_env, irm_weight)
+                opt.zero_grad()
+                obj.backward()
+                opt.step()
+                total += float(obj.detach()) * len(idx)
+                penalty_total += float(pen.detach()) * len(idx)
+            val = self._predictor_validation(mean, y, env, val_idx if len(val_idx) else train_idx, n_env)
+            history.append({"epoch": epoch + 1, "train_objective": total / len(order), "irm_penalty": penalty_total / len(order), **val})
+            if val["validation_risk"] < best - 1e-4:
+                best, bad = val["validation_risk"], 0
+                best_state = {k: v.clone() for k, v in self.predictor.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= early_stopping_patience:
+                    break
+        if best_state is not None:
+            self.predictor.load_state_dict(best_state)
+        self.predictor.eval()
+        self.predictor_history = history
+        last = history[-1]
+        progress(f"predictor: {len(history)} epochs, validation accuracy {last['validation_accuracy']:.3f} (balanced over batches)")
+        return history
+
+    @torch.no_grad()
+    def _predictor_validation(self, mean, y, env, idx, n_env) -> dict:
+        self.predictor.eval()
+        idx = torch.from_numpy(idx)
+        logits = self.predictor(mean[idx])
+        obj, _ = invariant_risk(logits, y[idx], env[idx], n_env, 0.0)
+        acc = (logits.argmax(1) == y[idx]).float().mean()
+        return {"validation_risk": float(obj), "validation_accuracy": float(acc)}
+
+    @torch.no_grad()
+    def _posterior(self, data: EncodedData) -> tuple[torch.Tensor, torch.Tensor]:
+        self.module.eval().to(self.device)
+        means, variances = [], []
+        d = self.hparams["n_latent_inv"]
+        for batch in MinibatchLoader(data, batch_size=2048, shuffle=False, device=self.device):
+            qm, qv = self.module.encode(batch["x"])
+            means.append(qm[:, :d].float().cpu())
+            variances.append(qv[:, :d].float().cpu())
+        return torch.cat(means), torch.cat(variances)
+
+    @torch.no_grad()
+    def predict(self, adata=None, batch_size: int = 4096) -> tuple[np.ndarray, pd.DataFrame]:
+        """Predicted labels (n_cells,) and class probabilities (n_cells, K) from z_inv posterior means."""
+        if self.predictor is None:
+            raise ScinvInputError("no predictor: call train_predictor() first (it needs a label_key)")
+        z = torch.from_numpy(self.get_latent_representation(adata, "inv", batch_size))
+        self.predictor.eval()
+        probs = torch.cat([torch.softmax(self.predictor(z[i : i + batch_size]), -1) for i in range(0, len(z), batch_size)])
+        probs = probs.numpy()
+        labels = np.asarray(self.registry.labels, dtype=object)[probs.argmax(1)]
+        index = adata.obs_names if adata is not None else (self.adata.obs_names if self.adata is not None else None)
+        return labels, pd.DataFrame(probs, columns=self.registry.labels, index=index)
+
+    # -- query mapping ----------------------------------------------------------------------------------
+    def map_query(
+        self,
+        query,
+        max_epochs: int = 50,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        fine_tune_encoder: bool = False,
+        seed: int = 0,
+        device: str | None = "auto",
+    ) -> "InVAE":
+        """Return a copy of the model extended to the new batches of `query` (scArches-style surgery).
+
+        The batch category map gains the query's new batches and the spurious prior's first layer
+        gains input columns for them; only those columns are trained on the query (plus the encoder
+        when `fine_tune_encoder`). Decoder, dispersion and invariant prior stay frozen, so z_inv keeps
+        its meaning and, with the encoder frozen, reference latents are unchanged.
+        """
+        reg = self.registry
+        if reg.batch is None:
+            raise ScinvInputError("map_query needs a model trained with a batch_key")
+        if reg.batch.key not in query.obs.columns:
+            raise ScinvInputError(f"query: batch column '{reg.batch.key}' not found in obs; add it")
+        new = sorted(set(query.obs[reg.batch.key].astype(str)) - set(reg.batch.categories))
+        query_model = InVAE.from_state(self._config(), self._state_dict())
+        query_model.device = resolve_device(device)
+        query_model._extend_batches(new)
+        query_model.adata = query
+        query_model._data = query_model.registry.encode(query, "query", use_labels=True)
+        module = query_model.module
+        for p in module.parameters():
+            p.requires_grad_(False)
+        trainable = list(module.encoder.parameters()) if fine_tune_encoder else []
+        if new and module.prior_spur.net is not None:
+            first = module.prior_spur.net[0]
+            mask = torch.zeros_like(first.weight)
+            n_old = reg.batch.width  # self's registry: the reference batches only
+            mask[:, n_old : n_old + len(new)] = 1.0
+            first.weight.requires_grad_(True)
+            first.weight.register_hook(lambda g: g * mask)
+            trainable.append(first.weight)
+        if trainable:
+            for p in trainable:
+                p.requires_grad_(True)
+            config = TrainingConfig(max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=0.0,
+                                    kl_warmup_epochs=0, seed=seed, early_stopping_patience=10)
+            frozen = [module.decoder] + ([] if fine_tune_encoder else [module.encoder])
+            trainer = Trainer(module, query_model._data, config, query_model.device, frozen=frozen)
+            trainer.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+            trainer.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, patience=config.lr_patience)
+            query_model.history = trainer.fit()
+        for p in module.parameters():
+            p.requires_grad_(True)
+        module.eval()
+        return query_model
+
+    def _extend_batches(self, new: list[str]) -> None:
+        """Insert columns for new batches after the old batch columns of the spurious prior input."""
+        reg = self.registry
+        n_old_batches = reg.batch.width
+        reg.batch.categories = reg.batch.categories + new
+        prior = self.module.prior_spur
+        if prior.net is None or not new:
+            return
+        old = prior.net[0]
+        layer = torch.nn.Linear(old.in_features + len(new), old.out_features)
+        with torch.no_grad():
+            w = old.weight
+            init = w[:, :n_old_batches].mean(1, keepdim=True).expand(-1, len(new))
+            layer.weight.copy_(torch.cat([w[:, :n_old_batches], init, w[:, n_old_batches:]], dim=1))
+            layer.bias.copy_(old.bias)
+        prior.net[0] = layer
+        prior.n_covariates += len(new)
+
+    # -- persistence --------------------------------------------------------------------------------------
+    def _config(self) -> dict:
+        return {
+            "format": MODEL_FORMAT,
+            "scinv_version": __version__,
+            "hparams": self.hparams,
+            "registry": self.registry.to_dict(),
+            "train_config": getattr(self, "train_config", None),
+            "has_predictor": self.predictor is not None,
+            "history": self.history,
+            "predictor_history": self.predictor_history,
+        }
+
+    def _state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        if self.predictor is not None:
+            state.update({f"predictor.{k}": v.detach().cpu().contiguous() for k, v in self.predictor.state_dict().items()})
+        return state
+
+    def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
+        """Write `model.safetensors` (weights) and `config.json` (hyperparameters, category maps, history).
+
+        The directory is assembled under a temporary name and renamed, so it is never half-written.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_file(self._state_dict(), tmp / WEIGHTS_FILE)
+            (tmp / CONFIG_FILE).write_text(json.dumps(self._config(), indent=1))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+    @classmethod
+    def from_state(cls, config: dict, state: dict[str, torch.Tensor]) -> "InVAE":
+        model = cls(_registry=DataRegistry.from_dict(config["registry"]), **config["hparams"])
+        module_state = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
+        model.module.load_state_dict(module_state)
+        model.module.eval()
+        if config.get("has_predictor"):
+            h = model.hparams
+            model.predictor = InvariantClassifier(h["n_latent_inv"], model.registry.n_labels, h["predictor_hidden"])
+            model.predictor.load_state_dict({k[len("predictor."):]: v for k, v in state.items() if k.startswith("predictor.")})
+            model.predictor.eval()
+        model.history = config.get("history", [])
+        model.predictor_history = config.get("predictor_history", [])
+        model.train_config = config.get("train_config")
+        return model
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | None = "cpu") -> "InVAE":
+        """Load a saved model; needs no training data. Raises a clear error for other formats."""
+        path = Path(path)
+        cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not cfg_file.exists() or not weights.exists():
+            raise ScinvInputError(f"{path}: not a scinv model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ScinvInputError(f"{cfg_file}: not valid JSON ({err.msg}); the model directory is damaged") from err
+        if config.get("format") != MODEL_FORMAT:
+            raise ScinvInputError(
+                f"{path}: model format {config.get('format')} (scinv {config.get('scinv_version')}) is not supported "
+                f"by scinv {__version__} (format {MODEL_FORMAT}); retrain or use the matching scinv version"
+            )
+        model = cls.from_state(config, load_file(weights))
+        model.device = resolve_device(device)
+        return model

@@ -1,0 +1,285 @@
+"""Pure torch modules of inVAE: encoder, decoder, conditional priors, losses, invariant predictor.
+
+Notation: B cells in a minibatch, G genes, D = D_inv + D_spur latent dimensions, K labels.
+The latent is z = [z_inv | z_spur]. z_inv has the prior p(z_inv | y) with y = (label, biological
+covariates); z_spur has the prior p(z_spur | e) with e = (batch, technical covariates). The
+decoder sees z only, so technical variation must flow through z_spur.
+
+Differences from the reference implementation (theislab/inVAE 0.1.0), each deliberate:
+- the encoder sees the counts only, never the labels (no label leakage into query latents);
+- no dropout/batch norm after final layers (including prior log-variances), one linear map
+  before the softmax;
+- cells with unknown labels get the label-marginal prior: a mixture of the label-conditional
+  priors weighted by the label frequencies (Monte-Carlo KL), instead of a fake label.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRIOR_MODES = ("mean", "variance", "both")
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float, batch_norm: bool) -> nn.Sequential:
+    """Hidden stack: (Linear -> [BatchNorm] -> ReLU -> [Dropout]) x n_layers. No output layer."""
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers.append(nn.Linear(n_in if i == 0 else n_hidden, n_hidden))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class GaussianEncoder(nn.Module):
+    """q(z | x): log1p counts (B, G) -> mean (B, D), variance (B, D)."""
+
+    def __init__(self, n_genes: int, n_latent: int, n_hidden: int, n_layers: int, dropout: float, batch_norm: bool):
+        super().__init__()
+        self.body = mlp(n_genes, n_hidden, n_layers, dropout, batch_norm)
+        self.mean = nn.Linear(n_hidden, n_latent)
+        self.log_var = nn.Linear(n_hidden, n_latent)
+
+    def forward(self, x_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x_log)
+        return self.mean(h), torch.exp(self.log_var(h).clamp(-12.0, 8.0)) + 1e-6
+
+
+class CountDecoder(nn.Module):
+    """p(x | z): z (B, D) -> log of the expected expression fraction per gene (B, G), log-softmax."""
+
+    def __init__(self, n_latent: int, n_genes: int, n_hidden: int, n_layers: int, dropout: float, batch_norm: bool):
+        super().__init__()
+        self.body = mlp(n_latent, n_hidden, n_layers, dropout, batch_norm)
+        self.out = nn.Linear(n_hidden, n_genes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.out(self.body(z)), dim=-1)
+
+
+class ConditionalPrior(nn.Module):
+    """Diagonal Gaussian p(z | c) whose parameters are a small MLP of covariates c (B, C).
+
+    mode 'mean': learned mean, unit variance; 'variance': zero mean, learned variance (the
+    reference default); 'both': both learned. With no covariates (C = 0) it is N(0, I).
+    """
+
+    def __init__(self, n_covariates: int, n_latent: int, mode: str = "mean", n_hidden: int = 64):
+        super().__init__()
+        if mode not in PRIOR_MODES:
+            raise ValueError(f"prior mode must be one of {PRIOR_MODES}, got {mode!r}")
+        self.mode, self.n_latent, self.n_covariates = mode, n_latent, n_covariates
+        self.net = None
+        if n_covariates > 0 and n_latent > 0:
+            n_out = 2 * n_latent if mode == "both" else n_latent
+            self.net = nn.Sequential(nn.Linear(n_covariates, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out))
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c (..., C) -> mean (..., D), variance (..., D)."""
+        shape = c.shape[:-1] + (self.n_latent,)
+        zeros = c.new_zeros(shape)
+        if self.net is None:
+            return zeros, torch.ones_like(zeros)
+        out = self.net(c)
+        if self.mode == "mean":
+            return out, torch.ones_like(out)
+        if self.mode == "variance":
+            return zeros, torch.exp(out.clamp(-8.0, 8.0))
+        mean, log_var = out.chunk(2, dim=-1)
+        return mean, torch.exp(log_var.clamp(-8.0, 8.0))
+
+
+def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension of log N(z; mean, diag(var))."""
+    return -0.5 * (_LOG_2PI + torch.log(var) + (z - mean) ** 2 / var).sum(-1)
+
+
+def gaussian_kl(qm: torch.Tensor, qv: torch.Tensor, pm: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
+    """KL(N(qm, qv) || N(pm, pv)) summed over the last dimension."""
+    return 0.5 * (torch.log(pv / qv) + (qv + (qm - pm) ** 2) / pv - 1.0).sum(-1)
+
+
+def negative_binomial_log_prob(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """log NB(x; mean mu, inverse dispersion theta), per cell summed over genes.
+
+    x (B, G) counts, log_mu (B, G), log_theta (G,). The lgamma terms vanish where x = 0, so they
+    are evaluated on non-zero counts only (single-cell counts are mostly zeros).
+    """
+    theta = log_theta.exp()
+    log_theta_mu = torch.logaddexp(log_theta, log_mu)
+    dense = theta * (log_theta - log_theta_mu) + x * (log_mu - log_theta_mu)
+    rows, cols = torch.nonzero(x, as_tuple=True)
+    xv, th = x[rows, cols], theta[cols]
+    gamma = torch.lgamma(xv + th) - torch.lgamma(th) - torch.lgamma(xv + 1.0)
+    return dense.sum(-1).index_add(0, rows, gamma)
+
+
+class InVAEModule(nn.Module):
+    """Generative model and losses of inVAE.
+
+    Inputs per minibatch: x (B, G) raw counts, inv (B, C_inv) biological covariates other than
+    the label, label (B,) label codes with -1 for unknown, spur (B, C_spur) technical covariates.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_labels: int,
+        n_inv_covariates: int,
+        n_spur_covariates: int,
+        n_latent_inv: int = 20,
+        n_latent_spur: int = 5,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+        prior_mode: str = "mean",
+        prior_hidden: int = 64,
+        kl_estimator: str = "analytic",
+        tc_weight: float = 0.0,
+        label_frequencies: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if kl_estimator not in ("analytic", "sample"):
+            raise ValueError("kl_estimator must be 'analytic' or 'sample'")
+        self.n_genes, self.n_labels = n_genes, n_labels
+        self.n_latent_inv, self.n_latent_spur = n_latent_inv, n_latent_spur
+        self.kl_estimator, self.tc_weight = kl_estimator, tc_weight
+        n_latent = n_latent_inv + n_latent_spur
+        self.encoder = GaussianEncoder(n_genes, n_latent, n_hidden, n_layers, dropout, batch_norm)
+        self.decoder = CountDecoder(n_latent, n_genes, n_hidden, n_layers, dropout, batch_norm)
+        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        self.prior_inv = ConditionalPrior(n_labels + n_inv_covariates, n_latent_inv, prior_mode, prior_hidden)
+        self.prior_spur = ConditionalPrior(n_spur_covariates, n_latent_spur, prior_mode, prior_hidden)
+        freq = torch.full((max(n_labels, 1),), 1.0 / max(n_labels, 1)) if label_frequencies is None else label_frequencies
+        self.register_buffer("label_log_freq", torch.log(freq.clamp_min(1e-8) / freq.sum()))
+
+    # -- inference ----------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, G) counts -> posterior mean and variance (B, D). Labels are never an input."""
+        return self.encoder(torch.log1p(x))
+
+    def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return z[..., : self.n_latent_inv], z[..., self.n_latent_inv :]
+
+    def _inv_prior_input(self, label: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        if self.n_labels == 0:
+            return inv
+        onehot = F.one_hot(label.clamp_min(0), self.n_labels).to(inv.dtype)
+        return torch.cat([onehot, inv], dim=-1)
+
+    def kl_invariant(self, z, qm, qv, label, inv) -> torch.Tensor:
+        """KL of q(z_inv | x) to p(z_inv | y) per cell (B,). Unknown labels use the label-marginal prior."""
+        z, qm, qv = (t[..., : self.n_latent_inv] for t in (z, qm, qv))
+        pm, pv = self.prior_inv(self._inv_prior_input(label, inv))
+        if self.kl_estimator == "analytic":
+            kl = gaussian_kl(qm, qv, pm, pv)
+        else:
+            kl = gaussian_log_prob(z, qm, qv) - gaussian_log_prob(z, pm, pv)
+        unknown = label < 0
+        if self.n_labels == 0 or not bool(unknown.any()):
+            return kl
+        # Mixture over all labels for cells without a label: log p(z) = logsumexp_k log pi_k N(z; m_k, v_k)
+        zu, inv_u = z[unknown], inv[unknown]
+        eye = torch.eye(self.n_labels, dtype=inv.dtype, device=inv.device)
+        c = torch.cat([eye.expand(len(zu), -1, -1), inv_u[:, None, :].expand(-1, self.n_labels, -1)], dim=-1)
+        pm_k, pv_k = self.prior_inv(c)  # (Bu, K, D_inv)
+        log_p = torch.logsumexp(self.label_log_freq + gaussian_log_prob(zu[:, None, :], pm_k, pv_k), dim=-1)
+        kl_unknown = gaussian_log_prob(zu, qm[unknown], qv[unknown]) - log_p
+        return kl.masked_scatter(unknown, kl_unknown)
+
+    def kl_spurious(self, z, qm, qv, spur) -> torch.Tensor:
+        z, qm, qv = (t[..., self.n_latent_inv :] for t in (z, qm, qv))
+        pm, pv = self.prior_spur(spur)
+        if self.kl_estimator == "analytic":
+            return gaussian_kl(qm, qv, pm, pv)
+        return gaussian_log_prob(z, qm, qv) - gaussian_log_prob(z, pm, pv)
+
+    def total_correlation(self, z, qm, qv, dataset_size: int) -> torch.Tensor:
+        """Minibatch-weighted estimate of KL(q(z_inv, z_spur) || q(z_inv) q(z_spur)) (beta-TCVAE)."""
+        b = z.shape[0]
+        # log q(z_i | x_j) per dimension: (B, B, D)
+        log_qz_dims = -0.5 * (_LOG_2PI + torch.log(qv[None]) + (z[:, None] - qm[None]) ** 2 / qv[None])
+        norm = math.log(b * dataset_size)
+        log_qz = torch.logsumexp(log_qz_dims.sum(-1), dim=1) - norm
+        inv_part, spur_part = log_qz_dims[..., : self.n_latent_inv], log_qz_dims[..., self.n_latent_inv :]
+        log_q_inv = torch.logsumexp(inv_part.sum(-1), dim=1) - norm
+        log_q_spur = torch.logsumexp(spur_part.sum(-1), dim=1) - norm
+        return log_qz - log_q_inv - log_q_spur
+
+    # -- loss -----------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0, dataset_size: int = 1) -> dict[str, torch.Tensor]:
+        """Return per-minibatch mean losses: 'loss', 'reconstruction', 'kl_inv', 'kl_spur', 'tc'."""
+        x = batch["x"]
+        qm, qv = self.encode(x)
+        z = qm + qv.sqrt() * torch.randn_like(qm) if self.training else qm
+        qm, qv, z = qm.float(), qv.float(), z.float()
+        log_lib = torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
+        log_mu = self.decoder(z).float() + log_lib
+        recon = -negative_binomial_log_prob(x, log_mu, self.log_theta)
+        kl_inv = self.kl_invariant(z, qm, qv, batch["label"], batch["inv"])
+        kl_spur = self.kl_spurious(z, qm, qv, batch["spur"])
+        loss = recon + kl_weight * (kl_inv + kl_spur)
+        tc = torch.zeros_like(recon)
+        if self.tc_weight > 0 and self.n_latent_spur > 0 and self.n_latent_inv > 0:
+            tc = self.total_correlation(z, qm, qv, dataset_size)
+            loss = loss + self.tc_weight * tc
+        return {
+            "loss": loss.mean(),
+            "reconstruction": recon.mean(),
+            "kl_inv": kl_inv.mean(),
+            "kl_spur": kl_spur.mean(),
+            "tc": tc.mean(),
+        }
+
+
+class InvariantClassifier(nn.Module):
+    """Predicts labels from z_inv (B, D_inv) -> logits (B, K). Linear when n_hidden == 0."""
+
+    def __init__(self, n_latent_inv: int, n_labels: int, n_hidden: int = 64, dropout: float = 0.1):
+        super().__init__()
+        if n_hidden > 0:
+            self.net = nn.Sequential(nn.Linear(n_latent_inv, n_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(n_hidden, n_labels))
+        else:
+            self.net = nn.Linear(n_latent_inv, n_labels)
+
+    def forward(self, z_inv: torch.Tensor) -> torch.Tensor:
+        return self.net(z_inv)
+
+
+def environment_risks(logits: torch.Tensor, labels: torch.Tensor, envs: torch.Tensor, n_envs: int, scale: torch.Tensor | None = None):
+    """Per-environment mean cross-entropy (n_envs,) and a mask of environments present.
+
+    `scale` (n_envs,) multiplies the logits of each environment (the IRMv1 dummy classifier).
+    """
+    if scale is not None:
+        logits = logits * scale[envs][:, None]
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    sums = torch.zeros(n_envs, device=logits.device, dtype=ce.dtype).index_add(0, envs, ce)
+    counts = torch.zeros(n_envs, device=logits.device, dtype=ce.dtype).index_add(0, envs, torch.ones_like(ce))
+    present = counts > 0
+    return sums / counts.clamp_min(1.0), present
+
+
+def invariant_risk(logits, labels, envs, n_envs: int, irm_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Environment-balanced ERM plus the IRMv1 penalty (Arjovsky et al. 2019), vectorised.
+
+    Returns (objective, penalty). ERM averages each environment's risk with equal weight, so a
+    large batch does not dominate. The penalty is the mean over environments of the squared
+    gradient of the environment risk with respect to a scalar multiplier of the logits at 1.
+    """
+    scale = torch.ones(n_envs, device=logits.device, requires_grad=True)
+    risks, present = environment_risks(logits, labels, envs, n_envs, scale)
+    erm = risks[present].mean()
+    if irm_weight <= 0:
+        return erm, torch.zeros((), device=logits.device)
+    (grad,) = torch.autograd.grad(risks[present].sum(), scale, create_graph=True)
+    penalty = (grad[present] ** 2).mean()
+    return erm + irm_weight * penalty, penalty

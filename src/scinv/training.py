@@ -1,0 +1,240 @@
+"""Training loop: minibatches from sparse rows, KL warm-up, validation, early stopping, LR schedule,
+progress with ETA, mixed precision on GPU, and resumable checkpoints (weights_only-loadable)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import EncodedData, MinibatchLoader, split_train_validation
+from .module import InVAEModule
+
+log = logging.getLogger("scinv")
+CHECKPOINT_NAME = "last.ckpt"
+
+
+@dataclass
+class TrainingConfig:
+    max_epochs: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    kl_warmup_epochs: int = 20
+    validation_fraction: float = 0.1
+    early_stopping_patience: int = 20
+    lr_patience: int = 8
+    lr_factor: float = 0.5
+    min_delta: float = 0.0
+    seed: int = 0
+    mixed_precision: bool = True
+    checkpoint_every: int = 0
+    log_every: int = 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def progress(message: str) -> None:
+    """One progress line to stderr (Nextflow puts it in the task log), flushed at once."""
+    print(message, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    """Fits an :class:`InVAEModule` on :class:`EncodedData`. History is a list of per-epoch dicts."""
+
+    def __init__(self, module: InVAEModule, data: EncodedData, config: TrainingConfig, device: torch.device, frozen=()):
+        self.module, self.data, self.config, self.device = module.to(device), data, config, device
+        self.frozen = list(frozen)  # submodules kept in eval mode (batch-norm statistics untouched)
+        self.train_idx, self.val_idx = split_train_validation(data.n_cells, config.validation_fraction, config.seed)
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
+        )
+        self.loader_rng_seed = config.seed
+        self.history: list[dict] = []
+        self.epoch = 0
+        self.best_loss = math.inf
+        self.best_state: dict | None = None
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self.amp_dtype = torch.bfloat16 if (device.type == "cuda" and config.mixed_precision) else None
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "best_loss": self.best_loss,
+            "best_state": self.best_state,
+            "bad_epochs": self.bad_epochs,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy_rng": self.loader.rng.bit_generator.state,
+            "train_idx": torch.from_numpy(self.train_idx),
+            "val_idx": torch.from_numpy(self.val_idx),
+        }
+
+    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
+        """Write the full training state atomically (temp file, then rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        final = directory / CHECKPOINT_NAME
+        tmp = directory / f".{CHECKPOINT_NAME}.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, final)
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.history = state["epoch"], state["history"]
+        self.best_loss, self.best_state, self.bad_epochs = state["best_loss"], state["best_state"], state["bad_epochs"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.train_idx, self.val_idx = state["train_idx"].numpy(), state["val_idx"].numpy()
+        self._make_loaders()
+        self.loader.rng.bit_generator.state = state["numpy_rng"]
+
+    # -- loop -------------------------------------------------------------------------------------
+    def _make_loaders(self) -> None:
+        c = self.config
+        # drop a trailing batch of one cell: batch norm cannot train on it
+        drop_last = len(self.train_idx) % c.batch_size == 1
+        self.loader = MinibatchLoader(self.data, self.train_idx, c.batch_size, True, c.seed, self.device, drop_last=drop_last)
+        self.val_loader = MinibatchLoader(self.data, self.val_idx, max(c.batch_size, 1024), False, c.seed, self.device)
+
+    def kl_weight(self, epoch: int) -> float:
+        w = self.config.kl_warmup_epochs
+        return 1.0 if w <= 0 else min(1.0, (epoch + 1) / w)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _run_epoch(self, epoch: int) -> dict:
+        self.module.train()
+        for sub in self.frozen:
+            sub.eval()
+        totals: dict[str, float] = {}
+        n = 0
+        kl_w = self.kl_weight(epoch)
+        for batch in self.loader:
+            with self._autocast():
+                out = self.module(batch, kl_weight=kl_w, dataset_size=len(self.train_idx))
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            self.optimizer.step()
+            b = batch["x"].shape[0]
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) * b
+            n += b
+        return {f"train_{k}": v / max(n, 1) for k, v in totals.items()}
+
+    @torch.no_grad()
+    def _validate(self, epoch: int) -> dict:
+        if len(self.val_idx) == 0:
+            return {}
+        self.module.eval()
+        totals: dict[str, float] = {}
+        n = 0
+        for batch in self.val_loader:
+            with self._autocast():
+                out = self.module(batch, kl_weight=1.0, dataset_size=len(self.val_idx))
+            b = batch["x"].shape[0]
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * b
+            n += b
+        return {f"validation_{k}": v / n for k, v in totals.items()}
+
+    def fit(self, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True) -> list[dict]:
+        c = self.config
+        seed_everything(c.seed)
+        self._make_loaders()
+        if checkpoint_dir and resume and (Path(checkpoint_dir) / CHECKPOINT_NAME).exists():
+            self.load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME)
+            progress(f"resumed from {Path(checkpoint_dir) / CHECKPOINT_NAME} at epoch {self.epoch}")
+        progress(
+            f"training on {self.device} ({len(self.train_idx)} train / {len(self.val_idx)} validation cells, "
+            f"{sum(p.numel() for p in self.module.parameters()):,} parameters, up to {c.max_epochs} epochs)"
+        )
+        start, start_epoch = time.perf_counter(), self.epoch
+        while self.epoch < c.max_epochs and not self.stopped_early:
+            t0 = time.perf_counter()
+            record = {"epoch": self.epoch + 1, "kl_weight": self.kl_weight(self.epoch)}
+            record.update(self._run_epoch(self.epoch))
+            record.update(self._validate(self.epoch))
+            record["lr"] = self.optimizer.param_groups[0]["lr"]
+            record["seconds"] = time.perf_counter() - t0
+            self.history.append(record)
+            self.epoch += 1
+            self._track_best(record)
+            if c.checkpoint_every and checkpoint_dir and self.epoch % c.checkpoint_every == 0:
+                self.save_checkpoint(checkpoint_dir)
+            if c.log_every and (self.epoch % c.log_every == 0 or self.epoch == c.max_epochs or self.stopped_early):
+                done = self.epoch - start_epoch
+                eta = (time.perf_counter() - start) / done * (c.max_epochs - self.epoch)
+                val = record.get("validation_loss")
+                progress(
+                    f"epoch {self.epoch}/{c.max_epochs} loss {record['train_loss']:.2f} "
+                    f"(recon {record['train_reconstruction']:.2f}, kl_inv {record['train_kl_inv']:.2f}, "
+                    f"kl_spur {record['train_kl_spur']:.2f})"
+                    + (f" val {val:.2f}" if val is not None else "")
+                    + f" lr {record['lr']:.1e} {record['seconds']:.2f}s/epoch ETA {_format_seconds(eta)}"
+                )
+        if self.stopped_early:
+            progress(f"early stopping at epoch {self.epoch}: validation loss has not improved for {c.early_stopping_patience} epochs")
+        if checkpoint_dir and c.checkpoint_every:
+            self.save_checkpoint(checkpoint_dir)  # the last state, so a longer rerun continues exactly
+        if self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
+        self.module.eval()
+        return self.history
+
+    def _track_best(self, record: dict) -> None:
+        """Early stopping and LR schedule follow the validation loss once the KL warm-up is over."""
+        monitored = record.get("validation_loss", record["train_loss"])
+        if record["kl_weight"] < 1.0:
+            return
+        self.scheduler.step(monitored)
+        if monitored < self.best_loss - self.config.min_delta:
+            self.best_loss = monitored
+            self.best_state = {k: v.detach().clone().cpu() for k, v in self.module.state_dict().items()}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+            if self.config.early_stopping_patience and self.bad_epochs >= self.config.early_stopping_patience:
+                self.stopped_early = True
+
+
+def config_dict(config: TrainingConfig) -> dict:
+    return asdict(config)
