@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""METRICS: scib-metrics on the invariant latent, the full latent and the unintegrated PCA."""
+import anndata as ad
+import click
+
+from scinv.cli import key_list, step
+from scinv.errors import ScinvInputError
+from scinv.io import write_table
+from scinv.metrics import PROFILES, run_scib
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True), help="Final .h5ad from EXPORT.")
+@click.option("--output", required=True, type=click.Path(), help="CSV: one row per embedding, raw metric scores.")
+@click.option("--batch-key", default="batch", help="Batch column.")
+@click.option("--label-key", required=True, help="Label column (bio conservation).")
+@click.option("--unknown-label", default="Unknown", help="Cells with this label are left out.")
+@click.option("--embeddings", default="X_scinv_inv,X_scinv", help="Comma list of obsm keys to score.")
+@click.option("--baseline", default="X_pca", help="Unintegrated embedding (also scored, and used for PCR comparison).")
+@click.option("--profile", default="fast", type=click.Choice(list(PROFILES)), help="fast skips kBET, isolated labels and k-means.")
+@click.option("--max-cells", default=50000, type=int, help="Stratified subsample above this many cells (0: all).")
+@click.option("--n-jobs", default=2, type=int, help="Parallel jobs for neighbour search.")
+@click.option("--seed", default=0, type=int, help="Random seed for subsampling.")
+@step
+def main(input_path, output, batch_key, label_key, unknown_label, embeddings, baseline, profile, max_cells, n_jobs, seed):
+    """Score integration with scib-metrics."""
+    adata = ad.read_h5ad(input_path)
+    if not label_key:
+        raise ScinvInputError("METRICS needs --label_key (bio-conservation metrics compare against labels)")
+    df = run_scib(adata, key_list(embeddings), batch_key, label_key, profile, baseline, max_cells, unknown_label, n_jobs, seed)
+    write_table(df, output)
+    click.echo(df.to_string(float_format=lambda v: f"{v:.3f}"), err=True)
+
+
+if __name__ == "__main__":
+    main()

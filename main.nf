@@ -1,0 +1,27 @@
+#!/usr/bin/env nextflow
+/*
+ * scinv: conditionally invariant VAE (inVAE) integration of single-cell data.
+ *   nextflow run main.nf -profile test            (bundled example data)
+ *   nextflow run main.nf --input samplesheet.csv --label_key cell_type --outdir results
+ */
+nextflow.enable.dsl = 2
+
+include { SCINV                          } from './workflows/scinv'
+include { validateParameters; helpText   } from './subworkflows/local/utils_scinv'
+
+workflow {
+    if (params.help) {
+        log.info helpText("${projectDir}/nextflow_schema.json")
+        return
+    }
+    validateParameters("${projectDir}/nextflow_schema.json")
+    SCINV()
+}
+
+workflow.onComplete {
+    if (workflow.success) {
+        log.info "scinv finished: report at ${params.outdir}/report/${params.run_name}_report.html"
+    } else {
+        log.error "scinv failed: see the error above and ${workflow.workDir} (rerun with -resume once fixed)"
+    }
+}

@@ -1,0 +1,90 @@
+/*
+ * Parameter validation and --help from nextflow_schema.json, without plugins (nf-schema cannot be
+ * downloaded on offline clusters). Covers what users trip over: unknown parameters (typos),
+ * types, enums, patterns, bounds, required values and files that must exist.
+ */
+import groovy.json.JsonSlurper
+
+def schemaProperties(String schemaPath) {
+    def schema = new JsonSlurper().parse(new File(schemaPath))
+    def props = [:]
+    def required = []
+    schema['$defs'].each { groupName, group ->
+        group.properties.each { name, spec -> props[name] = spec + [group: group.title] }
+        required.addAll(group.required ?: [])
+    }
+    return [props, required]
+}
+
+def typeOk(value, String type) {
+    switch (type) {
+        case 'integer': return value instanceof Integer || value instanceof Long || value instanceof BigInteger
+        case 'number' : return value instanceof Number
+        case 'boolean': return value instanceof Boolean
+        case 'string' : return value instanceof CharSequence
+        default       : return true
+    }
+}
+
+def validateParameters(String schemaPath) {
+    if (!params.validate_params) return
+    def (props, required) = schemaProperties(schemaPath)
+    def errors = []
+    def camel = { String s -> s.replaceAll(/_([a-z])/) { all, c -> c.toUpperCase() } }
+    def known = props.keySet() + props.keySet().collect { camel(it) }
+    params.each { name, value ->
+        if (!(name in known)) {
+            log.warn "Unknown parameter --${name} (typo?); see --help"
+        }
+    }
+    required.each { name ->
+        if (params[name] == null || params[name] == '') errors << "--${name} is required (${props[name].description})"
+    }
+    props.each { name, spec ->
+        def value = params[name]
+        if (value == null || value == '') return
+        if (!typeOk(value, spec.type)) {
+            errors << "--${name} must be a ${spec.type}, got '${value}'"
+            return
+        }
+        if (spec.enum && !(value in spec.enum)) errors << "--${name} must be one of ${spec.enum.join(', ')}; got '${value}'"
+        if (spec.pattern && !(value.toString() ==~ spec.pattern)) errors << "--${name} '${value}' does not match ${spec.pattern}"
+        if (spec.minimum != null && value < spec.minimum) errors << "--${name} must be >= ${spec.minimum}; got ${value}"
+        if (spec.maximum != null && value > spec.maximum) errors << "--${name} must be <= ${spec.maximum}; got ${value}"
+        if (spec.exclusiveMinimum != null && value <= spec.exclusiveMinimum) errors << "--${name} must be > ${spec.exclusiveMinimum}; got ${value}"
+        if (spec.format == 'file-path' && !value.toString().contains('://') && !file(value.toString()).exists()) {
+            errors << "--${name} file not found: ${value}"
+        }
+    }
+    if (params.label_key && params.label_key == params.batch_key) {
+        errors << "--label_key and --batch_key must differ (both '${params.batch_key}')"
+    }
+    if (errors) {
+        errors.each { log.error "Invalid parameter: ${it}" }
+        error("Parameter validation failed: ${errors.size()} problem(s), listed above. Run with --help to see all parameters.")
+    }
+}
+
+def helpText(String schemaPath) {
+    def (props, required) = schemaProperties(schemaPath)
+    def lines = [
+        '',
+        'scinv: inVAE integration of single-cell data',
+        '',
+        'Usage:',
+        '  nextflow run main.nf -profile test --outdir results',
+        '  nextflow run main.nf --input samplesheet.csv --label_key cell_type --outdir results -profile docker,gpu',
+        '',
+    ]
+    props.groupBy { it.value.group }.each { group, entries ->
+        lines << "${group}:"
+        entries.each { name, spec ->
+            def dflt = spec.containsKey('default') ? " [default: ${spec.default}]" : ''
+            def req = name in required ? ' (required)' : ''
+            def choices = spec.enum ? " {${spec.enum.join('|')}}" : ''
+            lines << "  --${name.padRight(26)} ${spec.type}${choices}${req}  ${spec.description}${dflt}"
+        }
+        lines << ''
+    }
+    return lines.join('\n')
+}

@@ -1,0 +1,76 @@
+/*
+ * scinv: QC -> normalisation/HVG -> inVAE training -> export -> metrics -> report
+ */
+include { CHECK_INPUT } from '../modules/local/check_input/main'
+include { QC          } from '../modules/local/qc/main'
+include { NORMALIZE   } from '../modules/local/normalize/main'
+include { TRAIN_INVAE } from '../modules/local/train_invae/main'
+include { EXPORT      } from '../modules/local/export/main'
+include { METRICS     } from '../modules/local/metrics/main'
+include { REPORT      } from '../modules/local/report/main'
+
+/*
+ * Files a samplesheet names, in row order, so that they are staged into the task (containers,
+ * cloud). If any is missing, none are staged and CHECK_INPUT reports the missing file clearly.
+ */
+def samplesheetFiles(sheet) {
+    if (!sheet.name.toLowerCase().endsWith('.csv')) return []
+    def rows
+    try { rows = sheet.splitCsv(header: true) } catch (Exception e) { return [] }
+    def files = rows.collect { row ->
+        def p = row.path?.toString()?.trim()
+        if (!p) return null
+        (p.startsWith('/') || p.contains('://')) ? file(p) : sheet.parent.resolve(p)
+    }
+    return (files && files.every { it != null && it.exists() }) ? files : []
+}
+
+workflow SCINV {
+    main:
+    def input = file(params.input, checkIfExists: true)
+    def meta  = [id: params.run_name]
+    ch_versions = Channel.empty()
+
+    CHECK_INPUT(
+        Channel.of([meta, input, samplesheetFiles(input)]),
+        params.annotations ? file(params.annotations, checkIfExists: true) : []
+    )
+    ch_versions = ch_versions.mix(CHECK_INPUT.out.versions)
+
+    QC(CHECK_INPUT.out.h5ad)
+    ch_versions = ch_versions.mix(QC.out.versions)
+
+    NORMALIZE(QC.out.h5ad)
+    ch_versions = ch_versions.mix(NORMALIZE.out.versions)
+
+    TRAIN_INVAE(NORMALIZE.out.h5ad)
+    ch_versions = ch_versions.mix(TRAIN_INVAE.out.versions)
+
+    EXPORT(NORMALIZE.out.h5ad.join(TRAIN_INVAE.out.model))
+    ch_versions = ch_versions.mix(EXPORT.out.versions)
+
+    if (params.label_key && !params.skip_metrics) {
+        METRICS(EXPORT.out.h5ad)
+        ch_versions = ch_versions.mix(METRICS.out.versions)
+        ch_metrics = METRICS.out.csv
+    } else {
+        ch_metrics = EXPORT.out.h5ad.map { m, h5ad -> [m, []] }
+    }
+
+    ch_versions_file = ch_versions
+        .unique()
+        .collectFile(name: 'software_versions.yml', storeDir: "${params.outdir}/pipeline_info", sort: true)
+    ch_params = Channel.of(groovy.json.JsonOutput.prettyPrint(groovy.json.JsonOutput.toJson(params.findAll { k, v -> !(k in ['help']) })))
+        .collectFile(name: 'params.json', storeDir: "${params.outdir}/pipeline_info")
+
+    ch_report_in = EXPORT.out.h5ad
+        .join(QC.out.cells)
+        .join(QC.out.summary)
+        .join(TRAIN_INVAE.out.model)
+        .join(ch_metrics)
+    REPORT(ch_report_in, ch_versions_file, ch_params)
+
+    emit:
+    h5ad   = EXPORT.out.h5ad
+    report = REPORT.out.html
+}
