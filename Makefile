@@ -1,0 +1,51 @@
+# scinv: set-up, demo and tests. Every target installs what is missing first (idempotent).
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       := .venv
+VPY        := $(VENV)/bin/python
+NEXTFLOW   := tools/nextflow
+STAMP      := $(VENV)/.installed
+OUTDIR     ?= results
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast nextflow example-data clean help
+
+help:
+	@echo "make demo   - set up, then run the pipeline on the bundled data (-profile test)"
+	@echo "make test   - set up, then run the whole test suite (includes real Nextflow runs)"
+	@echo "make setup  - create .venv with pinned packages and install the pinned Nextflow"
+
+setup: $(STAMP) nextflow example-data
+
+# The example data is committed; check it is intact (and re-derive labels if they were deleted).
+example-data: assets/liao2020/derived_celltype_labels.csv
+	@cd assets/liao2020 && sha256sum --quiet -c SHA256SUMS
+
+assets/liao2020/derived_celltype_labels.csv: | $(STAMP)
+	$(VPY) scripts/derive_liao2020_labels.py
+
+$(STAMP): pyproject.toml
+	@command -v java >/dev/null && command -v mvn >/dev/null || { \
+	  echo "Java and Maven are needed for Nextflow: installing with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven; }
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+nextflow:
+	@tools/install-nextflow
+	@$(NEXTFLOW) -version | grep -q version
+
+demo: setup
+	$(NEXTFLOW) run main.nf -profile test --outdir $(OUTDIR) -resume
+	@echo "Report: $(abspath $(OUTDIR))/report/scinv_report.html"
+
+test: setup
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf work results .nextflow .nextflow.log* .pytest_cache

@@ -1,0 +1,130 @@
+"""Each bin/ step: documented --help, a real run on small data, and a bad input with a clear error."""
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+import pytest
+
+from scinv.io import write_h5ad
+
+from conftest import ROOT, one_error_line, run_script
+
+STEPS = ["scinv_check_input.py", "scinv_qc.py", "scinv_normalize.py", "scinv_train.py", "scinv_export.py", "scinv_metrics.py", "scinv_report.py"]
+
+
+@pytest.mark.parametrize("script", STEPS)
+def test_help_documents_every_option(script):
+    res = run_script(script, "--help")
+    assert res.returncode == 0, res.stderr
+    import click  # every option has help text
+
+    module = {}
+    exec(compile((ROOT / "bin" / script).read_text(), script, "exec"), module)
+    for param in module["main"].params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{script}: option {param.name} has no help"
+            assert param.opts[0] in res.stdout
+
+
+def test_check_input_bad_samplesheet_names_file_and_fix(tmp_path):
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("sample,path\nA,missing.h5\n")
+    res = run_script("scinv_check_input.py", "--input", str(sheet), "--output", str(tmp_path / "out.h5ad"))
+    assert res.returncode == 2
+    line = one_error_line(res.stderr)
+    assert "sheet.csv" in line and "missing.h5" in line and "fix the path column" in line
+    assert not (tmp_path / "out.h5ad").exists()
+
+
+def test_check_input_unknown_column(tmp_path):
+    res = run_script("scinv_check_input.py", "--input", str(ROOT / "assets" / "samplesheet_test.csv"),
+                     "--output", str(tmp_path / "o.h5ad"), "--label-key", "cell_type")
+    assert res.returncode == 2
+    assert "'cell_type' not found" in one_error_line(res.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_input_non_integer_counts(tmp_path, small_adata):
+    small_adata.X = small_adata.X * 0.5
+    del small_adata.layers["counts"]
+    write_h5ad(small_adata, tmp_path / "norm.h5ad")
+    sheet = tmp_path / "s.csv"
+    sheet.write_text("sample,path\nS1,norm.h5ad\nS2,norm.h5ad\n")
+    res = run_script("scinv_check_input.py", "--input", str(sheet), "--output", str(tmp_path / "o.h5ad"))
+    assert res.returncode == 2
+    line = one_error_line(res.stderr)
+    assert "norm.h5ad" in line and "raw UMI counts" in line
+
+
+def test_steps_chain_on_small_data(tmp_path, small_adata):
+    """CHECK_INPUT -> QC -> NORMALIZE -> TRAIN -> EXPORT -> REPORT on synthetic counts."""
+    write_h5ad(small_adata, tmp_path / "in.h5ad")
+    t = lambda n: str(tmp_path / n)  # noqa: E731
+    steps = [
+        ("scinv_check_input.py", "--input", t("in.h5ad"), "--output", t("m.h5ad"), "--label-key", "cell_type"),
+        ("scinv_qc.py", "--input", t("m.h5ad"), "--output", t("q.h5ad"), "--summary", t("qs.csv"), "--cells", t("qc.parquet"),
+         "--min-genes", "10", "--min-counts", "10", "--no-doublets"),
+        ("scinv_normalize.py", "--input", t("q.h5ad"), "--output", t("n.h5ad"), "--n-top-genes", "100", "--n-pcs", "10"),
+        ("scinv_train.py", "--input", t("n.h5ad"), "--model-dir", t("model"), "--history", t("h.csv"), "--label-key", "cell_type",
+         "--max-epochs", "5", "--predictor-epochs", "5", "--n-hidden", "32"),
+        ("scinv_export.py", "--input", t("n.h5ad"), "--model-dir", t("model"), "--output", t("final.h5ad"), "--embeddings", t("e.parquet")),
+        ("scinv_report.py", "--input", t("final.h5ad"), "--output", t("r.html"), "--qc-cells", t("qc.parquet"), "--qc-summary", t("qs.csv"),
+         "--model-dir", t("model"), "--label-key", "cell_type"),
+    ]
+    for args in steps:
+        res = run_script(*args)
+        assert res.returncode == 0, f"{args[0]}: {res.stderr[-2000:]}"
+    final = ad.read_h5ad(t("final.h5ad"))
+    assert final.obsm["X_scinv_inv"].shape[1] == 20 and final.obsm["X_scinv_spur"].shape[1] == 5
+    assert "scinv_prediction" in final.obs and "X_umap_scinv_inv" in final.obsm
+    emb = pd.read_parquet(t("e.parquet"))
+    assert emb.index.name == "cell_id" and list(emb.index) == list(final.obs_names)
+    html = Path(t("r.html")).read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    summary = pd.read_csv(t("qs.csv"), index_col=0)
+    assert summary.loc["total", "before"] == 600
+
+
+def test_qc_refuses_when_all_cells_fail(tmp_path, small_adata):
+    write_h5ad(small_adata, tmp_path / "m.h5ad")
+    res = run_script("scinv_qc.py", "--input", str(tmp_path / "m.h5ad"), "--output", str(tmp_path / "q.h5ad"),
+                     "--summary", str(tmp_path / "s.csv"), "--cells", str(tmp_path / "c.parquet"), "--min-genes", "100000")
+    assert res.returncode == 2 and "relax" in one_error_line(res.stderr)
+    assert not (tmp_path / "q.h5ad").exists()
+
+
+def test_normalize_missing_counts_layer(tmp_path, small_adata):
+    del small_adata.layers["counts"]
+    write_h5ad(small_adata, tmp_path / "q.h5ad")
+    res = run_script("scinv_normalize.py", "--input", str(tmp_path / "q.h5ad"), "--output", str(tmp_path / "n.h5ad"))
+    assert res.returncode == 2 and "layers['counts']" in one_error_line(res.stderr)
+
+
+def test_train_missing_label_column(tmp_path, small_adata):
+    write_h5ad(small_adata, tmp_path / "n.h5ad")
+    res = run_script("scinv_train.py", "--input", str(tmp_path / "n.h5ad"), "--model-dir", str(tmp_path / "m"),
+                     "--history", str(tmp_path / "h.csv"), "--label-key", "celltype")
+    assert res.returncode == 2 and "'celltype' not found" in one_error_line(res.stderr)
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_with_wrong_model_dir(tmp_path, small_adata):
+    write_h5ad(small_adata, tmp_path / "n.h5ad")
+    (tmp_path / "notamodel").mkdir()
+    res = run_script("scinv_export.py", "--input", str(tmp_path / "n.h5ad"), "--model-dir", str(tmp_path / "notamodel"),
+                     "--output", str(tmp_path / "f.h5ad"), "--embeddings", str(tmp_path / "e.parquet"))
+    assert res.returncode == 2 and "not a scinv model directory" in one_error_line(res.stderr)
+
+
+def test_metrics_missing_embedding(tmp_path, small_adata):
+    write_h5ad(small_adata, tmp_path / "f.h5ad")
+    res = run_script("scinv_metrics.py", "--input", str(tmp_path / "f.h5ad"), "--output", str(tmp_path / "m.csv"), "--label-key", "cell_type")
+    assert res.returncode == 2 and "run the export step" in one_error_line(res.stderr)
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_report_on_non_h5ad(tmp_path):
+    bad = tmp_path / "f.h5ad"
+    bad.write_text("not hdf5")
+    res = run_script("scinv_report.py", "--input", str(bad), "--output", str(tmp_path / "r.html"))
+    assert res.returncode != 0 and not (tmp_path / "r.html").exists()

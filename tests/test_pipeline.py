@@ -1,0 +1,92 @@
+"""The real Nextflow pipeline, run with the pinned Nextflow on the bundled real data."""
+import json
+import re
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import NEXTFLOW, ROOT, run_nextflow
+
+MAIN = str(ROOT / "main.nf")
+PROCESSES = ["CHECK_INPUT", "QC", "NORMALIZE", "TRAIN_INVAE", "EXPORT", "METRICS", "REPORT"]
+
+
+def test_pinned_nextflow_version(tmp_path):
+    res = run_nextflow("-version", cwd=tmp_path)
+    assert res.returncode == 0 and "version 24.10.8" in res.stdout
+
+
+def test_help_lists_parameters(tmp_path):
+    res = run_nextflow("run", MAIN, "--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for p in ("--input", "--label_key", "--invariant_keys", "--spurious_keys", "--unknown_label", "--outdir"):
+        assert p in res.stdout
+
+
+def test_invalid_parameter_is_refused_before_running(tmp_path):
+    res = run_nextflow("run", MAIN, "-profile", "test", "--prior_mode", "median", "--outdir", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode != 0
+    assert "--prior_mode must be one of mean, variance, both" in res.stdout + res.stderr
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
+def test_stub_run_wires_every_process(tmp_path):
+    res = run_nextflow("run", MAIN, "-profile", "test", "-stub", "--outdir", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:]
+    for proc in PROCESSES:
+        assert f"SCINV:{proc}" in res.stdout
+
+
+def test_broken_samplesheet_stops_check_input_with_one_line(tmp_path):
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text(f"sample,path\nC149,{ROOT}/assets/liao2020/GSM4475052_C149_filtered_feature_bc_matrix.h5\nX,nowhere.h5\n")
+    res = run_nextflow("run", MAIN, "--input", str(sheet), "--outdir", str(tmp_path / "o"), cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "CHECK_INPUT" in out
+    errors = [l.strip() for l in out.splitlines() if l.strip().startswith("ERROR: ")]
+    assert errors and "sheet.csv" in errors[0] and "nowhere.h5" in errors[0] and "fix the path column" in errors[0]
+
+
+@pytest.mark.slow
+def test_profile_test_end_to_end_and_resume(tmp_path):
+    outdir = tmp_path / "results"
+    res = run_nextflow("run", MAIN, "-profile", "test", "--outdir", str(outdir), cwd=tmp_path, timeout=1500)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    for proc in PROCESSES:
+        assert re.search(rf"Submitted process > SCINV:{proc}\b", res.stdout), proc
+
+    final = ad.read_h5ad(outdir / "export" / "scinv_integrated.h5ad")
+    assert final.n_obs > 5000 and final.n_vars == 2000
+    assert final.obsm["X_scinv_inv"].shape == (final.n_obs, 20)
+    assert final.obsm["X_scinv_spur"].shape == (final.n_obs, 5)
+    assert np.isfinite(final.obsm["X_scinv_inv"]).all()
+    assert "counts" in final.layers and set(final.obs["batch"].unique()) == {"C144", "C146", "C149"}
+    assert final.obs["scinv_prediction"].notna().all()
+
+    emb = pd.read_parquet(outdir / "export" / "scinv_embeddings.parquet")
+    assert emb.shape[0] == final.n_obs and emb.index.name == "cell_id"
+
+    metrics = pd.read_csv(outdir / "metrics" / "scinv_metrics.csv", index_col=0)
+    assert {"X_scinv_inv", "X_pca"} <= set(metrics.index)
+    for col in ("Bio conservation", "Batch correction", "Total", "Total (published)"):
+        assert metrics[col].between(0, 1).all(), col
+
+    html = (outdir / "report" / "scinv_report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 8  # QC, training, 3 UMAP grids, scIB, confusion
+    assert "Integration metrics" in html and "Software versions" in html
+
+    info = outdir / "pipeline_info"
+    assert list(info.glob("execution_trace_*.txt")) and list(info.glob("execution_report_*.html")) and list(info.glob("execution_timeline_*.html"))
+    versions = (info / "software_versions.yml").read_text()
+    assert all(f"SCINV:{p}" in versions for p in PROCESSES if p != "REPORT")
+    assert json.loads((info / "params.json").read_text())["label_key"] == "celltype_derived"
+    qc = pd.read_csv(outdir / "qc" / "scinv_qc_summary.csv", index_col=0)
+    assert qc.loc["total", "before"] == 10706 and qc.loc["total", "kept"] == final.n_obs
+
+    again = run_nextflow("run", MAIN, "-profile", "test", "--outdir", str(outdir), "-resume", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert len(re.findall(r"Cached process > SCINV:", again.stdout)) == len(PROCESSES)
