@@ -19,6 +19,7 @@ import torch
 from .errors import ScinvInputError
 
 UNKNOWN_LABEL = "Unknown"
+COUNT_HISTOGRAM_BINS = 16
 
 
 @dataclass
@@ -96,6 +97,13 @@ class EncodedData:
     @property
     def n_cells(self) -> int:
         return self.X.shape[0]
+
+    @property
+    def log_x_factorial(self) -> np.ndarray:
+        """(n_cells,) sum_g lgamma(x + 1), computed once for in-memory data."""
+        if getattr(self, "_log_x_factorial", None) is None:
+            self._log_x_factorial = log_factorial_rows(self.X)
+        return self._log_x_factorial
 
 
 @dataclass
@@ -284,33 +292,59 @@ class MinibatchLoader:
             chunks = [chunks[i] for i in self.rng.permutation(len(chunks))]
         yield from chunks
 
+    def _tensors(self, block: sp.csr_matrix, rows: np.ndarray, log_fact: np.ndarray) -> dict[str, torch.Tensor]:
+        """Dense counts and log1p counts, plus the count histogram the likelihood needs."""
+        d = self.data
+        n_rows, n_genes = block.shape
+        values, cols = block.data, block.indices.astype(np.int64)
+        logged = sp.csr_matrix((np.log1p(values), block.indices, block.indptr), shape=block.shape)
+        # histogram of counts 1..K per gene; larger counts listed individually (see count_lgamma_sum)
+        k = COUNT_HISTOGRAM_BINS
+        counts = np.rint(values).astype(np.int64)
+        small = (counts >= 1) & (counts <= k)
+        hist = np.bincount(cols[small] * k + counts[small] - 1, minlength=n_genes * k).reshape(n_genes, k)
+        tail = counts > k
+        return {
+            "x": torch.from_numpy(block.toarray()),
+            "x_log": torch.from_numpy(logged.toarray()),
+            "count_hist": torch.from_numpy(hist.astype(np.float32)),
+            "tail_cols": torch.from_numpy(cols[tail]),
+            "tail_vals": torch.from_numpy(values[tail].astype(np.float32)),
+            "log_x_factorial": torch.from_numpy(log_fact),
+            "inv": torch.from_numpy(d.inv_covariates[rows]),
+            "spur": torch.from_numpy(d.spur_covariates[rows]),
+            "label": torch.from_numpy(d.labels[rows]),
+            "env": torch.from_numpy(d.environments[rows]),
+            "index": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
+        }
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         d = self.data
         pin = self.device.type == "cuda"
         for chunk in self._order():
-            chunk_x = None
             if self.backed:
-                chunk_x = sp.csr_matrix(d.X[chunk[0] : chunk[-1] + 1][chunk - chunk[0]], dtype=np.float32)
+                source = sp.csr_matrix(d.X[chunk[0] : chunk[-1] + 1][chunk - chunk[0]], dtype=np.float32)
+                source_log_fact = log_factorial_rows(source)
                 pos = self.rng.permutation(len(chunk)) if self.shuffle else np.arange(len(chunk))
             else:
-                pos = chunk
+                source, source_log_fact, pos = d.X, d.log_x_factorial, chunk
             for start in range(0, len(pos), self.batch_size):
                 sel = pos[start : start + self.batch_size]
                 if self.drop_last and len(sel) < self.batch_size:
                     break
                 rows = chunk[sel] if self.backed else sel
-                x = chunk_x[sel].toarray() if self.backed else d.X[sel].toarray()
-                batch = {
-                    "x": torch.from_numpy(x),
-                    "inv": torch.from_numpy(d.inv_covariates[rows]),
-                    "spur": torch.from_numpy(d.spur_covariates[rows]),
-                    "label": torch.from_numpy(d.labels[rows]),
-                    "env": torch.from_numpy(d.environments[rows]),
-                    "index": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
-                }
+                batch = self._tensors(source[sel], rows, source_log_fact[sel])
                 if self.device.type != "cpu":
                     batch = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()}
                 yield batch
+
+
+def log_factorial_rows(X: sp.csr_matrix) -> np.ndarray:
+    """Per row sum of lgamma(x + 1) (float32): the count-only constant of the NB likelihood."""
+    from scipy.special import gammaln
+
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    return np.bincount(rows, weights=gammaln(X.data.astype(np.float64) + 1.0), minlength=X.shape[0]).astype(np.float32)
 
 
 def split_train_validation(n_cells: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

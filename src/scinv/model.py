@@ -184,7 +184,7 @@ class InVAE:
         self.module.eval().to(self.device)
         out = []
         for batch in MinibatchLoader(data, batch_size=batch_size, shuffle=False, device=self.device):
-            qm, qv = self.module.encode(batch["x"])
+            qm, qv = self.module.encoder(batch["x_log"])
             z = qm + qv.sqrt() * torch.randn_like(qm) if sample else qm
             out.append(z.float().cpu())
         z = torch.cat(out).numpy()
@@ -283,7 +283,7 @@ class InVAE:
         means, variances = [], []
         d = self.hparams["n_latent_inv"]
         for batch in MinibatchLoader(data, batch_size=2048, shuffle=False, device=self.device):
-            qm, qv = self.module.encode(batch["x"])
+            qm, qv = self.module.encoder(batch["x_log"])
             means.append(qm[:, :d].float().cpu())
             variances.append(qv[:, :d].float().cpu())
         return torch.cat(means), torch.cat(variances)

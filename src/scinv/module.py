@@ -61,7 +61,7 @@ class CountDecoder(nn.Module):
         self.out = nn.Linear(n_hidden, n_genes)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.out(self.body(z)), dim=-1)
+        return F.log_softmax(self.out(self.body(z)).float(), dim=-1)  # softmax in fp32 under autocast
 
 
 class ConditionalPrior(nn.Module):
@@ -106,19 +106,77 @@ def gaussian_kl(qm: torch.Tensor, qv: torch.Tensor, pm: torch.Tensor, pv: torch.
     return 0.5 * (torch.log(pv / qv) + (qv + (qm - pm) ** 2) / pv - 1.0).sum(-1)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class _NBDense(torch.autograd.Function):
+    """Per cell: sum_g x d - (theta + x) softplus(d), d = log mu - log theta.
+
+    The x-dependent lgamma terms are excluded (see count_lgamma_sum). Hand-written backward:
+    d/d(log mu) = x - (theta + x) sigmoid(d); d/d(log theta) = -that - theta softplus(d).
+    About half the passes over (B, G) that autograd of the same expression makes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, log_mu, log_theta):
+        with torch.autocast(log_mu.device.type, enabled=False):  # likelihood stays in fp32
+            return _NBDense._forward(ctx, *(_at_least_fp32(t) for t in (x, log_mu, log_theta)))
+
+    @staticmethod
+    def _forward(ctx, x, log_mu, log_theta):
+        d = log_mu - log_theta
+        theta = log_theta.exp()
+        sp = F.softplus(d)
+        weight = x + theta
+        out = torch.linalg.vecdot(x, d) - torch.linalg.vecdot(weight, sp)
+        ctx.save_for_backward(d, sp, weight, x, theta)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):
+            return _NBDense._backward(ctx, _at_least_fp32(grad))
+
+    @staticmethod
+    def _backward(ctx, grad):
+        d, sp, weight, x, theta = ctx.saved_tensors
+        grad_d = torch.addcmul(x, weight, torch.sigmoid(d), value=-1.0).mul_(grad[:, None])
+        grad_log_theta = -grad_d.sum(0) - theta * (grad @ sp)
+        return None, grad_d, grad_log_theta
+
+
+def _nb_dense(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    return _NBDense.apply(x, log_mu, log_theta)
+
+
 def negative_binomial_log_prob(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
-    """log NB(x; mean mu, inverse dispersion theta), per cell summed over genes.
+    """log NB(x; mean mu, inverse dispersion theta) per cell, summed over genes (exact reference).
 
     x (B, G) counts, log_mu (B, G), log_theta (G,). The lgamma terms vanish where x = 0, so they
-    are evaluated on non-zero counts only (single-cell counts are mostly zeros).
+    are evaluated on the non-zero entries only.
     """
     theta = log_theta.exp()
-    log_theta_mu = torch.logaddexp(log_theta, log_mu)
-    dense = theta * (log_theta - log_theta_mu) + x * (log_mu - log_theta_mu)
     rows, cols = torch.nonzero(x, as_tuple=True)
-    xv, th = x[rows, cols], theta[cols]
-    gamma = torch.lgamma(xv + th) - torch.lgamma(th) - torch.lgamma(xv + 1.0)
-    return dense.sum(-1).index_add(0, rows, gamma)
+    xv = x[rows, cols]
+    gamma = torch.lgamma(xv + theta[cols]) - torch.lgamma(theta[cols]) - torch.lgamma(xv + 1.0)
+    return _nb_dense(x, log_mu, log_theta).index_add(0, rows, gamma)
+
+
+def count_lgamma_sum(log_theta: torch.Tensor, hist: torch.Tensor, tail_cols: torch.Tensor, tail_vals: torch.Tensor) -> torch.Tensor:
+    """sum over non-zero entries of lgamma(x + theta_g) - lgamma(theta_g), from a count histogram.
+
+    hist (G, K): how many entries of gene g equal k + 1 (k < K); entries above K come as
+    (tail_cols, tail_vals). This costs G x K lgamma evaluations instead of one per non-zero entry
+    (counts are small: above 16 is ~0.5 % of entries), which is the costliest part of the NB
+    likelihood on CPU.
+    """
+    theta = log_theta.exp()
+    k = torch.arange(1, hist.shape[1] + 1, device=theta.device, dtype=theta.dtype)
+    lgamma_theta = torch.lgamma(theta)
+    table = torch.lgamma(theta[:, None] + k) - lgamma_theta[:, None]
+    tail = torch.lgamma(tail_vals + theta[tail_cols]) - lgamma_theta[tail_cols]
+    return (hist * table).sum() + tail.sum()
 
 
 class InVAEModule(nn.Module):
@@ -215,25 +273,38 @@ class InVAEModule(nn.Module):
         return log_qz - log_q_inv - log_q_spur
 
     # -- loss -----------------------------------------------------------------------------------
+    def reconstruction_loss(self, batch: dict[str, torch.Tensor], log_mu: torch.Tensor) -> torch.Tensor:
+        """Mean NB negative log-likelihood per cell (scalar), fast path when the loader gives histograms."""
+        x = batch["x"]
+        if "count_hist" not in batch:
+            return -negative_binomial_log_prob(x, log_mu, self.log_theta).mean()
+        total = (
+            _nb_dense(x, log_mu, self.log_theta).sum()
+            + count_lgamma_sum(self.log_theta, batch["count_hist"], batch["tail_cols"], batch["tail_vals"])
+            - batch["log_x_factorial"].sum()
+        )
+        return -total / x.shape[0]
+
     def forward(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0, dataset_size: int = 1) -> dict[str, torch.Tensor]:
         """Return per-minibatch mean losses: 'loss', 'reconstruction', 'kl_inv', 'kl_spur', 'tc'."""
         x = batch["x"]
-        qm, qv = self.encode(x)
+        qm, qv = self.encoder(batch["x_log"]) if "x_log" in batch else self.encode(x)
         z = qm + qv.sqrt() * torch.randn_like(qm) if self.training else qm
         qm, qv, z = qm.float(), qv.float(), z.float()
         log_lib = torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
         log_mu = self.decoder(z).float() + log_lib
-        recon = -negative_binomial_log_prob(x, log_mu, self.log_theta)
-        kl_inv = self.kl_invariant(z, qm, qv, batch["label"], batch["inv"])
-        kl_spur = self.kl_spurious(z, qm, qv, batch["spur"])
-        loss = recon + kl_weight * (kl_inv + kl_spur)
-        tc = torch.zeros_like(recon)
+        recon = self.reconstruction_loss(batch, log_mu)
+        with torch.autocast(x.device.type, enabled=False):  # tiny prior nets: casts would cost more than bf16 saves
+            kl_inv = self.kl_invariant(z, qm, qv, batch["label"], batch["inv"])
+            kl_spur = self.kl_spurious(z, qm, qv, batch["spur"])
+        loss = recon + kl_weight * (kl_inv.mean() + kl_spur.mean())
+        tc = torch.zeros_like(kl_inv)
         if self.tc_weight > 0 and self.n_latent_spur > 0 and self.n_latent_inv > 0:
             tc = self.total_correlation(z, qm, qv, dataset_size)
-            loss = loss + self.tc_weight * tc
+            loss = loss + self.tc_weight * tc.mean()
         return {
-            "loss": loss.mean(),
-            "reconstruction": recon.mean(),
+            "loss": loss,
+            "reconstruction": recon,
             "kl_inv": kl_inv.mean(),
             "kl_spur": kl_spur.mean(),
             "tc": tc.mean(),
