@@ -58,6 +58,8 @@ def test_check_input_non_integer_counts(tmp_path, small_adata):
 
 def test_steps_chain_on_small_data(tmp_path, small_adata):
     """CHECK_INPUT -> QC -> NORMALIZE -> TRAIN -> EXPORT -> REPORT on synthetic counts."""
+    small_adata.obs["condition"] = ["healthy" if b == "b0" else "disease" for b in small_adata.obs["batch"]]
+    small_adata.obs["depth"] = small_adata.X.sum(1).A1 / 1000.0
     write_h5ad(small_adata, tmp_path / "in.h5ad")
     t = lambda n: str(tmp_path / n)  # noqa: E731
     steps = [
@@ -66,6 +68,7 @@ def test_steps_chain_on_small_data(tmp_path, small_adata):
          "--min-genes", "10", "--min-counts", "10", "--no-doublets"),
         ("scinv_normalize.py", "--input", t("q.h5ad"), "--output", t("n.h5ad"), "--n-top-genes", "100", "--n-pcs", "10"),
         ("scinv_train.py", "--input", t("n.h5ad"), "--model-dir", t("model"), "--history", t("h.csv"), "--label-key", "cell_type",
+         "--invariant-keys", "condition", "--spurious-keys", "depth", "--continuous-keys", "depth",
          "--max-epochs", "5", "--predictor-epochs", "5", "--n-hidden", "32"),
         ("scinv_export.py", "--input", t("n.h5ad"), "--model-dir", t("model"), "--output", t("final.h5ad"), "--embeddings", t("e.parquet")),
         ("scinv_report.py", "--input", t("final.h5ad"), "--output", t("r.html"), "--qc-cells", t("qc.parquet"), "--qc-summary", t("qs.csv"),
@@ -74,6 +77,11 @@ def test_steps_chain_on_small_data(tmp_path, small_adata):
     for args in steps:
         res = run_script(*args)
         assert res.returncode == 0, f"{args[0]}: {res.stderr[-2000:]}"
+    import json
+
+    registry = json.loads((tmp_path / "model" / "config.json").read_text())["registry"]
+    assert registry["invariant"][0]["categories"] == ["disease", "healthy"]
+    assert registry["spurious"][0]["key"] == "depth" and not registry["spurious"][0]["categorical"]
     final = ad.read_h5ad(t("final.h5ad"))
     assert final.obsm["X_scinv_inv"].shape[1] == 20 and final.obsm["X_scinv_spur"].shape[1] == 5
     assert "scinv_prediction" in final.obs and "X_umap_scinv_inv" in final.obsm

@@ -175,3 +175,25 @@ def test_genes_must_match(trained):
     adata, model = trained
     with pytest.raises(ScinvInputError, match="genes differ"):
         model.get_latent_representation(adata[:, :50].copy())
+
+
+def test_encoder_with_covariates_handles_unknown_batches_explicitly(small_adata):
+    model = make_model(small_adata, encode_covariates=True)
+    assert model.module.encoder.covariates.in_features == 3
+    model.train(**FAST)
+    query = small_adata[:40].copy()
+    query.obs["batch"] = "unseen"
+    with pytest.warns(UserWarning, match="batch unknown"):
+        z = model.get_latent_representation(query)
+    assert np.isfinite(z).all()
+    mapped = model.map_query(query, max_epochs=2)
+    assert mapped.module.encoder.covariates.in_features == 4
+    w_old = model.module.encoder.covariates.weight.detach()
+    assert torch.allclose(mapped.module.encoder.covariates.weight.detach()[:, :3], w_old)
+
+
+def test_joint_classifier_is_trained_and_logged(trained):
+    _, model = trained
+    assert model.module.classifier is not None
+    assert "train_classification" in model.history[-1]
+    assert model.history[-1]["train_classification"] < model.history[0]["train_classification"]

@@ -36,9 +36,15 @@ class Covariate:
     def width(self) -> int:
         return len(self.categories) if self.categorical else 1
 
-    def encode(self, obs: pd.DataFrame, where: str) -> np.ndarray:
-        """Return an (n_cells, width) float32 array."""
+    def encode(self, obs: pd.DataFrame, where: str, unknown: str = "error") -> np.ndarray:
+        """Return an (n_cells, width) float32 array.
+
+        unknown='error' refuses unseen categories; unknown='zero' encodes them (and a missing
+        column) as all-zero rows, the "unknown batch" input the encoder is trained for.
+        """
         if self.key not in obs.columns:
+            if unknown == "zero":
+                return np.zeros((len(obs), self.width), dtype=np.float32)
             raise ScinvInputError(f"{where}: obs column '{self.key}' is missing; add it or drop it from the model setup")
         col = obs[self.key]
         if not self.categorical:
@@ -49,6 +55,11 @@ class Covariate:
         values = col.astype(str).to_numpy()
         lookup = {c: i for i, c in enumerate(self.categories)}
         codes = np.fromiter((lookup.get(v, -1) for v in values), dtype=np.int64, count=len(values))
+        if (codes < 0).any() and unknown == "zero":
+            onehot = np.zeros((len(values), self.width), dtype=np.float32)
+            known = codes >= 0
+            onehot[np.flatnonzero(known), codes[known]] = 1.0
+            return onehot
         if (codes < 0).any():
             unseen = sorted(set(values[codes < 0]))[:5]
             raise ScinvInputError(
@@ -184,6 +195,22 @@ class DataRegistry:
         if not sp.issparse(X):
             X = sp.csr_matrix(np.asarray(X, dtype=np.float32))
         return sp.csr_matrix(X, dtype=np.float32)
+
+    def encode_encoder_covariates(self, obs: pd.DataFrame, where: str) -> tuple[np.ndarray, list[str]]:
+        """Technical covariates as the encoder sees them; unseen batches become "unknown" (zeros).
+
+        Returns the (n_cells, C_spur) array and the unseen categories/columns (for a warning).
+        """
+        covs = ([self.batch] if self.batch else []) + self.spurious
+        parts, unseen = [], []
+        for c in covs:
+            if c.key not in obs.columns:
+                unseen.append(f"column {c.key}")
+            elif c.categorical:
+                unseen += sorted(set(obs[c.key].astype(str)) - set(c.categories))
+            parts.append(c.encode(obs, where, unknown="zero") if c.categorical or c.key in obs.columns else np.zeros((len(obs), 1), np.float32))
+        n = len(obs)
+        return (np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)), unseen
 
     def encode_labels(self, obs: pd.DataFrame, where: str, required: bool = False) -> np.ndarray:
         n = len(obs)

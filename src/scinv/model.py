@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -55,6 +56,15 @@ class InVAE:
         Architecture (encoder and decoder both use n_layers hidden layers of n_hidden units).
     prior_mode
         'mean' (learned mean, unit variance), 'variance' (zero mean, learned variance) or 'both'.
+    encode_covariates, covariate_dropout
+        If True the encoder also sees the technical covariates (batch, ...), never the labels;
+        during training they are hidden for a `covariate_dropout` fraction of cells, so that
+        cells of unseen batches can be encoded as "batch unknown". Default False: the encoder
+        reads counts only, so query cells need no covariates at all.
+    classifier_weight
+        Weight of an auxiliary classifier of the labels from z_inv trained jointly (labels are
+        targets, never encoder inputs). Without it the invariant latent can collapse when the
+        counts carry weak type signal (measured: within-reference kNN 0.19 -> 0.99).
     """
 
     def __init__(
@@ -76,6 +86,9 @@ class InVAE:
         prior_mode: str = "mean",
         kl_estimator: str = "analytic",
         tc_weight: float = 0.0,
+        encode_covariates: bool = False,
+        covariate_dropout: float = 0.2,
+        classifier_weight: float = 20.0,
         predictor_hidden: int = 64,
         _registry: DataRegistry | None = None,
         _where: str = "AnnData",
@@ -86,7 +99,8 @@ class InVAE:
         self.hparams = dict(
             n_latent_inv=n_latent_inv, n_latent_spur=n_latent_spur, n_hidden=n_hidden, n_layers=n_layers,
             dropout=dropout, batch_norm=batch_norm, prior_mode=prior_mode, kl_estimator=kl_estimator,
-            tc_weight=tc_weight, predictor_hidden=predictor_hidden,
+            tc_weight=tc_weight, encode_covariates=encode_covariates, covariate_dropout=covariate_dropout,
+            classifier_weight=classifier_weight, predictor_hidden=predictor_hidden,
         )
         self.adata = adata
         self._data: EncodedData | None = self.registry.encode(adata, _where) if adata is not None else None
@@ -118,6 +132,8 @@ class InVAE:
             n_latent_inv=h["n_latent_inv"], n_latent_spur=h["n_latent_spur"], n_hidden=h["n_hidden"],
             n_layers=h["n_layers"], dropout=h["dropout"], batch_norm=h["batch_norm"], prior_mode=h["prior_mode"],
             kl_estimator=h["kl_estimator"], tc_weight=h["tc_weight"], label_frequencies=label_frequencies,
+            encode_covariates=h["encode_covariates"], covariate_dropout=h["covariate_dropout"],
+            classifier_weight=h.get("classifier_weight", 0.0),
         )
 
     @property
@@ -184,7 +200,7 @@ class InVAE:
         self.module.eval().to(self.device)
         out = []
         for batch in MinibatchLoader(data, batch_size=batch_size, shuffle=False, device=self.device):
-            qm, qv = self.module.encoder(batch["x_log"])
+            qm, qv = self.module.encoder(batch["x_log"], batch["spur"])
             z = qm + qv.sqrt() * torch.randn_like(qm) if sample else qm
             out.append(z.float().cpu())
         z = torch.cat(out).numpy()
@@ -200,9 +216,14 @@ class InVAE:
                 "subset to model.var_names in the same order"
             )
         n = adata.n_obs
+        spur, unseen = self.registry.encode_encoder_covariates(adata.obs, "AnnData")
+        if unseen:
+            warnings.warn(
+                f"technical covariates not seen in training {unseen[:5]}: those cells are encoded as 'batch unknown'; "
+                "use map_query to adapt the model to new batches", stacklevel=3)
         empty = np.zeros((n, 0), np.float32)
         neg = np.full(n, -1, np.int64)
-        return EncodedData(self.registry.counts(adata), empty, empty, neg, np.zeros(n, np.int64))
+        return EncodedData(self.registry.counts(adata), empty, spur, neg, np.zeros(n, np.int64))
 
     # -- invariant predictor -------------------------------------------------------------------------
     def train_predictor(
@@ -283,7 +304,7 @@ class InVAE:
         means, variances = [], []
         d = self.hparams["n_latent_inv"]
         for batch in MinibatchLoader(data, batch_size=2048, shuffle=False, device=self.device):
-            qm, qv = self.module.encoder(batch["x_log"])
+            qm, qv = self.module.encoder(batch["x_log"], batch["spur"])
             means.append(qm[:, :d].float().cpu())
             variances.append(qv[:, :d].float().cpu())
         return torch.cat(means), torch.cat(variances)
@@ -334,14 +355,16 @@ class InVAE:
         for p in module.parameters():
             p.requires_grad_(False)
         trainable = list(module.encoder.parameters()) if fine_tune_encoder else []
-        if new and module.prior_spur.net is not None:
-            first = module.prior_spur.net[0]
-            mask = torch.zeros_like(first.weight)
-            n_old = reg.batch.width  # self's registry: the reference batches only
+        n_old = reg.batch.width  # self's registry: the reference batches only
+        new_columns = [layer for layer in (module.prior_spur.net[0] if module.prior_spur.net is not None else None,
+                                           module.encoder.covariates) if layer is not None]
+        for layer in new_columns if new else []:
+            mask = torch.zeros_like(layer.weight)
             mask[:, n_old : n_old + len(new)] = 1.0
-            first.weight.requires_grad_(True)
-            first.weight.register_hook(lambda g: g * mask)
-            trainable.append(first.weight)
+            layer.weight.requires_grad_(True)
+            layer.weight.register_hook(lambda g, mask=mask: g * mask)
+            if not any(layer.weight is p for p in trainable):
+                trainable.append(layer.weight)
         if trainable:
             for p in trainable:
                 p.requires_grad_(True)
@@ -362,18 +385,26 @@ class InVAE:
         reg = self.registry
         n_old_batches = reg.batch.width
         reg.batch.categories = reg.batch.categories + new
-        prior = self.module.prior_spur
-        if prior.net is None or not new:
+        if not new:
             return
-        old = prior.net[0]
-        layer = torch.nn.Linear(old.in_features + len(new), old.out_features)
-        with torch.no_grad():
-            w = old.weight
-            init = w[:, :n_old_batches].mean(1, keepdim=True).expand(-1, len(new))
-            layer.weight.copy_(torch.cat([w[:, :n_old_batches], init, w[:, n_old_batches:]], dim=1))
-            layer.bias.copy_(old.bias)
-        prior.net[0] = layer
-        prior.n_covariates += len(new)
+
+        def widen(old: torch.nn.Linear, init: str) -> torch.nn.Linear:
+            layer = torch.nn.Linear(old.in_features + len(new), old.out_features, bias=old.bias is not None)
+            with torch.no_grad():
+                w = old.weight
+                fill = (w[:, :n_old_batches].mean(1, keepdim=True) if init == "mean" else torch.zeros_like(w[:, :1])).expand(-1, len(new))
+                layer.weight.copy_(torch.cat([w[:, :n_old_batches], fill, w[:, n_old_batches:]], dim=1))
+                if old.bias is not None:
+                    layer.bias.copy_(old.bias)
+            return layer
+
+        prior = self.module.prior_spur
+        if prior.net is not None:
+            prior.net[0] = widen(prior.net[0], "mean")
+            prior.n_covariates += len(new)
+        if self.module.encoder.covariates is not None:
+            # zeros: a new batch starts as "batch unknown", which the encoder was trained for
+            self.module.encoder.covariates = widen(self.module.encoder.covariates, "zero")
 
     # -- persistence --------------------------------------------------------------------------------------
     def _config(self) -> dict:

@@ -39,16 +39,25 @@ def mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float, batch_norm: boo
 
 
 class GaussianEncoder(nn.Module):
-    """q(z | x): log1p counts (B, G) -> mean (B, D), variance (B, D)."""
+    """q(z | x, e): log1p counts (B, G) and technical covariates e (B, C) -> mean, variance (B, D).
 
-    def __init__(self, n_genes: int, n_latent: int, n_hidden: int, n_layers: int, dropout: float, batch_norm: bool):
+    The covariates enter through their own bias-free linear map added to the first layer, so that
+    new batches can be added as new columns (query mapping) and an all-zero e means "batch
+    unknown" (trained by covariate dropout). Labels are never an input.
+    """
+
+    def __init__(self, n_genes: int, n_covariates: int, n_latent: int, n_hidden: int, n_layers: int, dropout: float, batch_norm: bool):
         super().__init__()
         self.body = mlp(n_genes, n_hidden, n_layers, dropout, batch_norm)
+        self.covariates = nn.Linear(n_covariates, n_hidden, bias=False) if n_covariates > 0 else None
         self.mean = nn.Linear(n_hidden, n_latent)
         self.log_var = nn.Linear(n_hidden, n_latent)
 
-    def forward(self, x_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x_log)
+    def forward(self, x_log: torch.Tensor, e: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body[0](x_log)
+        if self.covariates is not None and e is not None:
+            h = h + self.covariates(e)
+        h = self.body[1:](h)
         return self.mean(h), torch.exp(self.log_var(h).clamp(-12.0, 8.0)) + 1e-6
 
 
@@ -203,6 +212,9 @@ class InVAEModule(nn.Module):
         kl_estimator: str = "analytic",
         tc_weight: float = 0.0,
         label_frequencies: torch.Tensor | None = None,
+        encode_covariates: bool = False,
+        covariate_dropout: float = 0.2,
+        classifier_weight: float = 0.0,
     ):
         super().__init__()
         if kl_estimator not in ("analytic", "sample"):
@@ -211,7 +223,13 @@ class InVAEModule(nn.Module):
         self.n_latent_inv, self.n_latent_spur = n_latent_inv, n_latent_spur
         self.kl_estimator, self.tc_weight = kl_estimator, tc_weight
         n_latent = n_latent_inv + n_latent_spur
-        self.encoder = GaussianEncoder(n_genes, n_latent, n_hidden, n_layers, dropout, batch_norm)
+        self.covariate_dropout = covariate_dropout
+        self.classifier_weight = classifier_weight
+        # scANVI-style auxiliary classifier: labels as targets of z_inv (never as encoder inputs)
+        # keep the invariant latent label-informative where the counts carry weak type signal
+        self.classifier = InvariantClassifier(n_latent_inv, n_labels, 0) if (classifier_weight > 0 and n_labels > 1) else None
+        n_enc_cov = n_spur_covariates if encode_covariates else 0
+        self.encoder = GaussianEncoder(n_genes, n_enc_cov, n_latent, n_hidden, n_layers, dropout, batch_norm)
         self.decoder = CountDecoder(n_latent, n_genes, n_hidden, n_layers, dropout, batch_norm)
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
         self.prior_inv = ConditionalPrior(n_labels + n_inv_covariates, n_latent_inv, prior_mode, prior_hidden)
@@ -220,9 +238,18 @@ class InVAEModule(nn.Module):
         self.register_buffer("label_log_freq", torch.log(freq.clamp_min(1e-8) / freq.sum()))
 
     # -- inference ----------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, G) counts -> posterior mean and variance (B, D). Labels are never an input."""
-        return self.encoder(torch.log1p(x))
+    def encode(self, x: torch.Tensor, spur: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, G) counts and technical covariates (B, C_spur; zeros or None = unknown batch)
+        -> posterior mean and variance (B, D). Labels are never an input."""
+        return self.encoder(torch.log1p(x), spur)
+
+    def _encoder_covariates(self, spur: torch.Tensor) -> torch.Tensor:
+        """During training, hide the covariates of a random fraction of cells, so that the encoder
+        also learns to encode cells of unknown (e.g. new) batches from their counts alone."""
+        if not self.training or self.covariate_dropout <= 0 or spur.shape[1] == 0:
+            return spur
+        keep = torch.rand(spur.shape[0], 1, device=spur.device) >= self.covariate_dropout
+        return spur * keep
 
     def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return z[..., : self.n_latent_inv], z[..., self.n_latent_inv :]
@@ -288,7 +315,8 @@ class InVAEModule(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0, dataset_size: int = 1) -> dict[str, torch.Tensor]:
         """Return per-minibatch mean losses: 'loss', 'reconstruction', 'kl_inv', 'kl_spur', 'tc'."""
         x = batch["x"]
-        qm, qv = self.encoder(batch["x_log"]) if "x_log" in batch else self.encode(x)
+        x_log = batch["x_log"] if "x_log" in batch else torch.log1p(x)
+        qm, qv = self.encoder(x_log, self._encoder_covariates(batch["spur"]))
         z = qm + qv.sqrt() * torch.randn_like(qm) if self.training else qm
         qm, qv, z = qm.float(), qv.float(), z.float()
         log_lib = torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
@@ -298,6 +326,12 @@ class InVAEModule(nn.Module):
             kl_inv = self.kl_invariant(z, qm, qv, batch["label"], batch["inv"])
             kl_spur = self.kl_spurious(z, qm, qv, batch["spur"])
         loss = recon + kl_weight * (kl_inv.mean() + kl_spur.mean())
+        classification = torch.zeros((), device=x.device)
+        labelled = batch["label"] >= 0
+        if self.classifier is not None and bool(labelled.any()):
+            logits = self.classifier(qm[labelled, : self.n_latent_inv])
+            classification = F.cross_entropy(logits, batch["label"][labelled])
+            loss = loss + self.classifier_weight * classification
         tc = torch.zeros_like(kl_inv)
         if self.tc_weight > 0 and self.n_latent_spur > 0 and self.n_latent_inv > 0:
             tc = self.total_correlation(z, qm, qv, dataset_size)
@@ -308,6 +342,7 @@ class InVAEModule(nn.Module):
             "kl_inv": kl_inv.mean(),
             "kl_spur": kl_spur.mean(),
             "tc": tc.mean(),
+            "classification": classification,
         }
 
 
