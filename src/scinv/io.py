@@ -87,7 +87,7 @@ def read_samplesheet(path: str | os.PathLike, staged_dir: str | os.PathLike | No
             "save the samplesheet as CSV with columns sample,path[,batch,...]"
         )
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, index_col=False)
     except (pd.errors.ParserError, csv.Error) as err:
         raise ScinvInputError(f"{path}: cannot parse CSV ({str(err).splitlines()[0]}); fix the row it names") from err
     df.columns = [c.strip() for c in df.columns]
@@ -103,7 +103,8 @@ def read_samplesheet(path: str | os.PathLike, staged_dir: str | os.PathLike | No
     if len(df) == 0:
         raise ScinvInputError(f"{path}: samplesheet has a header but no samples; add one row per sample")
     df = df.apply(lambda col: col.str.strip())
-    empty = df.index[(df["sample"] == "") | (df["path"] == "")].tolist()
+    df = df.reset_index(drop=True)
+    empty = np.flatnonzero(((df["sample"] == "") | (df["path"] == "")).to_numpy()).tolist()
     if empty:
         raise ScinvInputError(f"{path}: row {empty[0] + 2} has an empty sample or path; fill both in")
     dups = sorted(df.loc[df["sample"].duplicated(), "sample"].unique())
