@@ -8,12 +8,13 @@ STAMP      := $(VENV)/.installed
 OUTDIR     ?= results
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast nextflow example-data clean help
+.PHONY: setup demo test test-fast docker-build docker-test nextflow example-data clean help
 
 help:
 	@echo "make demo   - set up, then run the pipeline on the bundled data (-profile test)"
 	@echo "make test   - set up, then run the whole test suite (includes real Nextflow runs)"
 	@echo "make setup  - create .venv with pinned packages and install the pinned Nextflow"
+	@echo "make docker-test - build the CPU image and run -profile test,docker against a local run"
 
 setup: $(STAMP) nextflow example-data
 
@@ -44,8 +45,16 @@ demo: setup
 test: setup
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+docker-build:
+	containers/build.sh
+
+# Builds the CPU image (base image made locally when no registry is reachable), runs
+# -profile test,docker and compares its outputs with a local run.
+docker-test: setup
+	containers/docker-test.sh
+
 test-fast: setup
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf work results .nextflow .nextflow.log* .pytest_cache
+	rm -rf work results .nextflow .nextflow.log* .pytest_cache .docker-test

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Build the CPU image and run `-profile test,docker`, then compare with a local run.
+# Starts a Docker engine if none is running (Debian docker.io). Without access to Docker Hub it
+# builds the base image locally (debootstrap Debian bookworm + docker import) and trusts the
+# host's CA bundle inside the build. `make docker-test` calls this; so does CI.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+out="${DOCKER_TEST_DIR:-$root/.docker-test}"
+mkdir -p "$out"
+log() { echo "[docker-test] $*" >&2; }
+
+ensure_engine() {
+    docker info >/dev/null 2>&1 && return 0
+    if ! command -v dockerd >/dev/null; then
+        log "installing docker.io"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+    fi
+    log "starting dockerd (log: $out/dockerd.log)"
+    (dockerd --iptables=false --bridge=none >"$out/dockerd.log" 2>&1 &)
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && return 0; sleep 1; done
+    log "dockerd did not start; see $out/dockerd.log"; exit 1
+}
+
+base_image() {
+    local public="python:3.11-slim-bookworm" local_base="scinv-base:bookworm"
+    if [ -n "${BASE_IMAGE:-}" ]; then echo "$BASE_IMAGE"; return; fi
+    if docker image inspect "$public" >/dev/null 2>&1 || timeout 60 docker pull -q "$public" >/dev/null 2>&1; then
+        echo "$public"; return
+    fi
+    if ! docker image inspect "$local_base" >/dev/null 2>&1; then
+        command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+        local mirror
+        mirror="$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)"
+        mirror="${mirror:-http://deb.debian.org/debian}"
+        log "no registry: building $local_base with debootstrap from $mirror"
+        rm -rf "$out/rootfs"
+        debootstrap --variant=minbase --include=python3,python3-venv,procps,ca-certificates bookworm "$out/rootfs" "$mirror" >"$out/debootstrap.log" 2>&1
+        tar -C "$out/rootfs" -c . | docker import - "$local_base" >/dev/null
+        rm -rf "$out/rootfs"
+    fi
+    echo "$local_base"
+}
+
+ensure_engine
+base="$(base_image)"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
+log "building scinv:$version from $base"
+BASE_IMAGE="$base" TRUST_HOST_CA=1 containers/build.sh >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+
+log "running -profile test,docker"
+tools/nextflow run main.nf -profile test,docker --outdir "$out/results-docker" -work-dir "$out/work-docker" >"$out/run-docker.log" 2>&1 \
+    || { tail -40 "$out/run-docker.log"; exit 1; }
+if [ ! -f "$out/results-local/report/scinv_report.html" ]; then
+    log "running -profile test locally for comparison"
+    tools/nextflow run main.nf -profile test --outdir "$out/results-local" -work-dir "$out/work-local" >"$out/run-local.log" 2>&1 \
+        || { tail -40 "$out/run-local.log"; exit 1; }
+fi
+.venv/bin/python - "$out" <<'PY'
+import sys, anndata as ad, pandas as pd
+out = sys.argv[1]
+d = ad.read_h5ad(f"{out}/results-docker/export/scinv_integrated.h5ad", backed="r")
+l = ad.read_h5ad(f"{out}/results-local/export/scinv_integrated.h5ad", backed="r")
+assert d.shape == l.shape, f"cells x genes differ: docker {d.shape}, local {l.shape}"
+md = pd.read_csv(f"{out}/results-docker/metrics/scinv_metrics.csv", index_col=0)
+ml = pd.read_csv(f"{out}/results-local/metrics/scinv_metrics.csv", index_col=0)
+diff = (md - ml).abs()
+print(f"[docker-test] {d.n_obs} cells x {d.n_vars} genes in both runs")
+print(f"[docker-test] metric differences docker vs local (max per row):\n{diff.max(axis=1).to_string()}")
+assert (diff[["Total", "Bio conservation", "Batch correction"]] <= 0.05).all().all(), "metrics differ by more than 0.05"
+print("[docker-test] OK: same cells and genes, metrics within 0.05")
+PY
