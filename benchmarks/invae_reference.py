@@ -59,7 +59,7 @@ def main():
     )
     n_params = sum(p.numel() for p in model.module.parameters())
     t0 = time.perf_counter()
-    model.train(n_epochs=a.epochs, lr_train=1e-3, weight_decay=1e-4, print_every_n_epochs=max(1, a.epochs // 5))
+    model.train(n_epochs=a.epochs, lr_train=1e-3, weight_decay=1e-4, print_every_n_epochs=1)
     seconds = time.perf_counter() - t0
     result = {
         "tool": "invae 0.1.0", "epochs": a.epochs, "seconds": seconds, "seconds_per_epoch": seconds / a.epochs,
