@@ -1,5 +1,4 @@
 """Input validation: every bad input ends in one clear ScinvInputError and leaves no output."""
-import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp

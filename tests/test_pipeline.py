@@ -1,14 +1,13 @@
 """The real Nextflow pipeline, run with the pinned Nextflow on the bundled real data."""
 import json
 import re
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import NEXTFLOW, ROOT, run_nextflow
+from conftest import ROOT, run_nextflow
 
 MAIN = str(ROOT / "main.nf")
 PROCESSES = ["CHECK_INPUT", "QC", "NORMALIZE", "TRAIN_INVAE", "EXPORT", "METRICS", "REPORT"]

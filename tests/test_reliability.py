@@ -1,5 +1,4 @@
 """Training survives SIGKILL: a rerun resumes from the last checkpoint and ends where an uninterrupted run ends."""
-import os
 import signal
 import subprocess
 import sys

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,6 +287,3 @@ def normalize_and_select(
     hvg.uns["scinv_normalize"] = {"n_top_genes": int(n_top_genes), "flavor": flavor, "batch_key": str(bk), "target_sum": float(target_sum)}
     return hvg
 
-
-def sanitize_key_list(value: str | None) -> list[str]:
-    return [k.strip() for k in re.split(r"[,\s]+", value or "") if k.strip()]

@@ -9,7 +9,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +254,3 @@ class Trainer:
             if self.config.early_stopping_patience and self.bad_epochs >= self.config.early_stopping_patience:
                 self.stopped_early = True
 
-
-def config_dict(config: TrainingConfig) -> dict:
-    return asdict(config)
