@@ -159,14 +159,11 @@ class DataRegistry:
                 raise ScinvInputError(f"{where}: label column '{label_key}' holds only '{unknown_label}'; label some cells")
         if batch_key:
             reg.batch = Covariate.fit(obs, batch_key, where, categorical=True)
-        for key in invariant_keys:
-            if key in (label_key, batch_key):
-                continue
-            reg.invariant.append(Covariate.fit(obs, key, where, categorical=False if key in cont else None))
-        for key in spurious_keys:
-            if key in (label_key, batch_key):
-                continue
-            reg.spurious.append(Covariate.fit(obs, key, where, categorical=False if key in cont else None))
+        def fit_all(keys):  # label and batch are registered above, so they are skipped here
+            return [Covariate.fit(obs, k, where, categorical=False if k in cont else None)
+                    for k in keys if k not in (label_key, batch_key)]
+
+        reg.invariant, reg.spurious = fit_all(invariant_keys), fit_all(spurious_keys)
         return reg
 
     # -- widths -----------------------------------------------------------------------------
@@ -188,7 +185,15 @@ class DataRegistry:
         return (self.batch.width if self.batch else 0) + sum(c.width for c in self.spurious)
 
     # -- encoding ---------------------------------------------------------------------------
-    def counts(self, adata, where: str = "AnnData"):
+    def check_genes(self, adata, where: str) -> None:
+        """Refuse data whose genes are not the training genes in the training order."""
+        if self.var_names and list(adata.var_names.astype(str)) != self.var_names:
+            raise ScinvInputError(
+                f"{where}: genes differ from the training genes ({adata.n_vars} vs {len(self.var_names)}); "
+                "subset the data to the model's genes (model.var_names) in the same order"
+            )
+
+    def counts(self, adata):
         X = adata.layers[self.layer] if self.layer else adata.X
         if getattr(adata, "isbacked", False) and self.layer is None:
             return adata.X  # backed sparse dataset: rows are read per chunk by the loader
@@ -208,15 +213,14 @@ class DataRegistry:
                 unseen.append(f"column {c.key}")
             elif c.categorical:
                 unseen += sorted(set(obs[c.key].astype(str)) - set(c.categories))
-            parts.append(c.encode(obs, where, unknown="zero") if c.categorical or c.key in obs.columns else np.zeros((len(obs), 1), np.float32))
+            parts.append(c.encode(obs, where, unknown="zero"))
         n = len(obs)
         return (np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)), unseen
 
-    def encode_labels(self, obs: pd.DataFrame, where: str, required: bool = False) -> np.ndarray:
+    def encode_labels(self, obs: pd.DataFrame, where: str) -> np.ndarray:
+        """Label codes (n_cells,), -1 for unknown labels or when the label column is absent."""
         n = len(obs)
         if not self.label_key or self.label_key not in obs.columns:
-            if required and self.label_key:
-                raise ScinvInputError(f"{where}: label column '{self.label_key}' not found in obs")
             return np.full(n, -1, dtype=np.int64)
         values = obs[self.label_key].astype(str).to_numpy()
         lookup = {c: i for i, c in enumerate(self.labels)}
@@ -233,22 +237,15 @@ class DataRegistry:
     def encode(self, adata, where: str = "AnnData", use_labels: bool = True) -> EncodedData:
         """Encode `adata` with the training category maps. Missing label column = all unknown."""
         obs = adata.obs
-        if self.var_names and list(adata.var_names.astype(str)) != self.var_names:
-            raise ScinvInputError(
-                f"{where}: genes differ from the training genes ({adata.n_vars} vs {len(self.var_names)}); "
-                "subset the data to the model's genes (model.var_names) in the same order"
-            )
+        self.check_genes(adata, where)
         n = adata.n_obs
         inv = [c.encode(obs, where) for c in self.invariant]
-        spur = ([self.batch.encode(obs, where)] if self.batch else []) + [c.encode(obs, where) for c in self.spurious]
-        env = (
-            np.argmax(self.batch.encode(obs, where), axis=1).astype(np.int64)
-            if self.batch
-            else np.zeros(n, dtype=np.int64)
-        )
+        batch = self.batch.encode(obs, where) if self.batch else None
+        spur = ([batch] if batch is not None else []) + [c.encode(obs, where) for c in self.spurious]
+        env = np.argmax(batch, axis=1).astype(np.int64) if batch is not None else np.zeros(n, dtype=np.int64)
         labels = self.encode_labels(obs, where) if use_labels else np.full(n, -1, dtype=np.int64)
         return EncodedData(
-            X=self.counts(adata, where),
+            X=self.counts(adata),
             inv_covariates=np.concatenate(inv, axis=1) if inv else np.zeros((n, 0), np.float32),
             spur_covariates=np.concatenate(spur, axis=1) if spur else np.zeros((n, 0), np.float32),
             labels=labels,

@@ -140,12 +140,10 @@ class InVAE:
     def var_names(self) -> list[str]:
         return list(self.registry.var_names)
 
-    def _encoded(self, adata, use_labels: bool = True) -> EncodedData:
-        if adata is None:
-            if self._data is None:
-                raise ScinvInputError("no data: pass an AnnData (the model was loaded without training data)")
-            return self._data
-        return self.registry.encode(adata, "AnnData", use_labels=use_labels)
+    def _training_data(self) -> EncodedData:
+        if self._data is None:
+            raise ScinvInputError("no data: pass an AnnData (the model was loaded without training data)")
+        return self._data
 
     # -- training -------------------------------------------------------------------------------------
     def train(
@@ -209,12 +207,8 @@ class InVAE:
 
     def _encoded_counts_only(self, adata) -> EncodedData:
         if adata is None:
-            return self._encoded(None)
-        if list(adata.var_names.astype(str)) != self.registry.var_names:
-            raise ScinvInputError(
-                f"AnnData genes differ from the model's ({adata.n_vars} vs {len(self.registry.var_names)}); "
-                "subset to model.var_names in the same order"
-            )
+            return self._training_data()
+        self.registry.check_genes(adata, "AnnData")
         n = adata.n_obs
         spur, unseen = self.registry.encode_encoder_covariates(adata.obs, "AnnData")
         if unseen:
@@ -244,7 +238,7 @@ class InVAE:
         """
         if self.registry.n_labels < 2:
             raise ScinvInputError("the predictor needs a label_key with at least two known labels")
-        data = self._encoded(None)
+        data = self._training_data()
         seed_everything(seed)
         mean, var = self._posterior(data)
         labelled = np.flatnonzero(data.labels >= 0)
