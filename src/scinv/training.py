@@ -81,6 +81,23 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class _RunningMeans:
+    """Cell-weighted means of per-batch losses, kept as tensors so that a GPU is synchronised
+    once per epoch rather than once per loss term and batch."""
+
+    def __init__(self):
+        self.totals: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, out: dict[str, torch.Tensor], n_cells: int) -> None:
+        for k, v in out.items():
+            self.totals[k] = self.totals.get(k, 0.0) + v.detach().float() * n_cells
+        self.n += n_cells
+
+    def result(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}{k}": float(v) / max(self.n, 1) for k, v in self.totals.items()}
+
+
 class Trainer:
     """Fits an :class:`InVAEModule` on :class:`EncodedData`. History is a list of per-epoch dicts."""
 
@@ -164,8 +181,7 @@ class Trainer:
         self.module.train()
         for sub in self.frozen:
             sub.eval()
-        totals: dict[str, float] = {}
-        n = 0
+        means = _RunningMeans()
         kl_w = self.kl_weight(epoch)
         for batch in self.loader:
             with self._autocast():
@@ -173,27 +189,20 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             self.optimizer.step()
-            b = batch["x"].shape[0]
-            for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) * b
-            n += b
-        return {f"train_{k}": v / max(n, 1) for k, v in totals.items()}
+            means.add(out, batch["x"].shape[0])
+        return means.result("train_")
 
     @torch.no_grad()
     def _validate(self, epoch: int) -> dict:
         if len(self.val_idx) == 0:
             return {}
         self.module.eval()
-        totals: dict[str, float] = {}
-        n = 0
+        means = _RunningMeans()
         for batch in self.val_loader:
             with self._autocast():
                 out = self.module(batch, kl_weight=1.0, dataset_size=len(self.val_idx))
-            b = batch["x"].shape[0]
-            for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * b
-            n += b
-        return {f"validation_{k}": v / n for k, v in totals.items()}
+            means.add(out, batch["x"].shape[0])
+        return means.result("validation_")
 
     def fit(self, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True) -> list[dict]:
         c = self.config
