@@ -30,9 +30,10 @@ def main(input_path, model_dir, output, embeddings, with_umap, cellxgene, seed):
     """Export embeddings and predictions."""
     adata = ad.read_h5ad(input_path)
     model = InVAE.load(model_dir, device="auto")
-    adata.obsm["X_scinv_inv"] = model.get_latent_representation(adata, "inv")
-    adata.obsm["X_scinv_spur"] = model.get_latent_representation(adata, "spur")
-    adata.obsm["X_scinv"] = np.concatenate([adata.obsm["X_scinv_inv"], adata.obsm["X_scinv_spur"]], axis=1)
+    full = model.get_latent_representation(adata, "full")  # one pass; split into the two blocks
+    n_inv = model.hparams["n_latent_inv"]
+    adata.obsm["X_scinv"] = full
+    adata.obsm["X_scinv_inv"], adata.obsm["X_scinv_spur"] = full[:, :n_inv], full[:, n_inv:]
     table = pd.DataFrame(adata.obsm["X_scinv_inv"], index=adata.obs_names, columns=[f"inv_{i}" for i in range(adata.obsm["X_scinv_inv"].shape[1])])
     table = table.join(pd.DataFrame(adata.obsm["X_scinv_spur"], index=adata.obs_names, columns=[f"spur_{i}" for i in range(adata.obsm["X_scinv_spur"].shape[1])]))
     if model.predictor is not None:

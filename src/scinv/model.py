@@ -190,18 +190,12 @@ class InVAE:
     def get_latent_representation(self, adata=None, representation: str = "inv", batch_size: int = 2048, sample: bool = False) -> np.ndarray:
         """Posterior means (n_cells, D_rep) for 'inv' (D_inv), 'spur' (D_spur) or 'full' (D).
 
-        Only counts are read: labels and covariates of `adata` never change the latent.
+        Labels never change the latent; technical covariates do only with encode_covariates=True.
         """
         if representation not in REPRESENTATIONS:
             raise ValueError(f"representation must be one of {REPRESENTATIONS}")
-        data = self._encoded_counts_only(adata)
-        self.module.eval().to(self.device)
-        out = []
-        for batch in MinibatchLoader(data, batch_size=batch_size, shuffle=False, device=self.device):
-            qm, qv = self.module.encoder(batch["x_log"], batch["spur"])
-            z = qm + qv.sqrt() * torch.randn_like(qm) if sample else qm
-            out.append(z.float().cpu())
-        z = torch.cat(out).numpy()
+        mean, var = self._posterior(self._encoded_counts_only(adata), batch_size)
+        z = (mean + var.sqrt() * torch.randn_like(mean) if sample else mean).numpy()
         d = self.hparams["n_latent_inv"]
         return {"inv": z[:, :d], "spur": z[:, d:], "full": z}[representation]
 
@@ -240,7 +234,7 @@ class InVAE:
             raise ScinvInputError("the predictor needs a label_key with at least two known labels")
         data = self._training_data()
         seed_everything(seed)
-        mean, var = self._posterior(data)
+        mean, var = (t[:, : self.hparams["n_latent_inv"]] for t in self._posterior(data))
         labelled = np.flatnonzero(data.labels >= 0)
         train_idx, val_idx = split_train_validation(len(labelled), 0.1, seed)
         train_idx, val_idx = labelled[train_idx], labelled[val_idx]
@@ -293,14 +287,14 @@ class InVAE:
         return {"validation_risk": float(obj), "validation_accuracy": float(acc)}
 
     @torch.no_grad()
-    def _posterior(self, data: EncodedData) -> tuple[torch.Tensor, torch.Tensor]:
+    def _posterior(self, data: EncodedData, batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior means and variances (n_cells, D) on the CPU, encoded in minibatches."""
         self.module.eval().to(self.device)
         means, variances = [], []
-        d = self.hparams["n_latent_inv"]
-        for batch in MinibatchLoader(data, batch_size=2048, shuffle=False, device=self.device):
+        for batch in MinibatchLoader(data, batch_size=batch_size, shuffle=False, device=self.device):
             qm, qv = self.module.encoder(batch["x_log"], batch["spur"])
-            means.append(qm[:, :d].float().cpu())
-            variances.append(qv[:, :d].float().cpu())
+            means.append(qm.float().cpu())
+            variances.append(qv.float().cpu())
         return torch.cat(means), torch.cat(variances)
 
     @torch.no_grad()
