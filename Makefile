@@ -29,9 +29,12 @@ $(STAMP): pyproject.toml
 	@command -v java >/dev/null && command -v mvn >/dev/null || { \
 	  echo "Java and Maven are needed for Nextflow: installing with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven; }
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "Headless Chromium is needed by the report test: installing with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q -e ".[test,baselines]"
 	touch $(STAMP)
 
 nextflow:

@@ -18,6 +18,8 @@ from scinv.report import build_report
 @click.option("--qc-cells", default=None, type=click.Path(), help="Per-cell QC parquet from QC.")
 @click.option("--qc-summary", default=None, type=click.Path(), help="QC summary CSV.")
 @click.option("--metrics", "metrics_path", default=None, type=click.Path(), help="Metrics CSV from METRICS.")
+@click.option("--label-transfer", "transfer_path", default=None, type=click.Path(), help="Label-transfer CSV from METRICS (held-out batches).")
+@click.option("--heldout-batches", default="", help="Comma list of held-out batches: the confusion matrix is drawn on their cells.")
 @click.option("--model-dir", default=None, type=click.Path(), help="Model directory (training history).")
 @click.option("--versions", "versions_path", default=None, type=click.Path(), help="Collected versions.yml.")
 @click.option("--params", "params_path", default=None, type=click.Path(), help="JSON of pipeline parameters.")
@@ -26,17 +28,19 @@ from scinv.report import build_report
 @click.option("--color-keys", default="condition", help="Comma list of further obs columns to colour UMAPs by.")
 @click.option("--title", default="scinv integration report", help="Report title.")
 @step
-def main(input_path, output, qc_cells, qc_summary, metrics_path, model_dir, versions_path, params_path, batch_key, label_key, color_keys, title):
+def main(input_path, output, qc_cells, qc_summary, metrics_path, transfer_path, heldout_batches, model_dir, versions_path, params_path, batch_key, label_key, color_keys, title):
     """Build the HTML report."""
     adata = ad.read_h5ad(input_path)
     exists = lambda p: p and Path(p).exists()  # noqa: E731
     qc_obs = pd.read_parquet(qc_cells) if exists(qc_cells) else None
     summary = pd.read_csv(qc_summary, index_col=0) if exists(qc_summary) else None
     metrics = pd.read_csv(metrics_path, index_col=0) if exists(metrics_path) else None
+    transfer = pd.read_csv(transfer_path, index_col=0) if exists(transfer_path) else None
     history = json.loads((Path(model_dir) / "config.json").read_text()).get("history", []) if exists(model_dir) else []
     versions = Path(versions_path).read_text() if exists(versions_path) else ""
     params = json.loads(Path(params_path).read_text()) if exists(params_path) else None
-    html = build_report(adata, qc_obs, summary, metrics, history, batch_key, label_key or None, key_list(color_keys), versions, params, title)
+    html = build_report(adata, qc_obs, summary, metrics, history, batch_key, label_key or None, key_list(color_keys), versions, params, title,
+                        label_transfer=transfer, heldout_batches=key_list(heldout_batches))
     write_text(html, output)
     click.echo(f"REPORT: wrote {output}", err=True)
 

@@ -5,6 +5,8 @@ import click
 import torch
 
 from scinv.cli import key_list, step
+from scinv.data import hide_heldout_labels
+from scinv.errors import ScinvInputError
 from scinv.io import write_table
 from scinv.model import InVAE
 
@@ -17,6 +19,7 @@ from scinv.model import InVAE
 @click.option("--batch-key", default="batch", help="Batch column (spurious prior, environments of the predictor).")
 @click.option("--label-key", default="", help="Label column (invariant prior, predictor target); empty for none.")
 @click.option("--unknown-label", default="Unknown", help="Label value of unlabelled cells (label-marginal prior, predicted).")
+@click.option("--heldout-batches", default="", help="Comma list of batches whose labels training must not see (scored later as label transfer).")
 @click.option("--invariant-keys", default="", help="Comma list of extra biological covariates for the invariant prior.")
 @click.option("--spurious-keys", default="", help="Comma list of extra technical covariates for the spurious prior.")
 @click.option("--continuous-keys", default="", help="Which of those covariates are continuous (standardised, not one-hot).")
@@ -44,7 +47,7 @@ from scinv.model import InVAE
 @click.option("--checkpoint-dir", default=None, type=click.Path(), help="Where to keep resumable checkpoints (survives task restarts).")
 @click.option("--checkpoint-every", default=10, type=int, help="Checkpoint every N epochs (needs --checkpoint-dir).")
 @step
-def main(input_path, model_dir, history_out, layer, batch_key, label_key, unknown_label, invariant_keys, spurious_keys, continuous_keys,
+def main(input_path, model_dir, history_out, layer, batch_key, label_key, unknown_label, heldout_batches, invariant_keys, spurious_keys, continuous_keys,
          n_latent_inv, n_latent_spur, n_hidden, n_layers, dropout, prior_mode, tc_weight, classifier_weight, encode_covariates, max_epochs, batch_size, lr, weight_decay,
          kl_warmup_epochs, early_stopping_patience, validation_fraction, predictor_epochs, irm_weight, seed, device, threads,
          checkpoint_dir, checkpoint_every):
@@ -54,6 +57,10 @@ def main(input_path, model_dir, history_out, layer, batch_key, label_key, unknow
     if threads > 0:
         torch.set_num_threads(threads)
     adata = ad.read_h5ad(input_path)
+    if key_list(heldout_batches):
+        if not label_key:
+            raise ScinvInputError("--heldout-batches needs --label-key (whose labels to hide)")
+        adata.obs[label_key] = hide_heldout_labels(adata.obs, batch_key, label_key, key_list(heldout_batches), unknown_label, input_path)
     model = InVAE(
         adata, layer=layer or None, batch_key=batch_key or None, label_key=label_key or None, unknown_label=unknown_label,
         invariant_keys=key_list(invariant_keys), spurious_keys=key_list(spurious_keys), continuous_keys=key_list(continuous_keys),

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_nextflow
+from conftest import ROOT, render_in_chromium, run_nextflow
 
 MAIN = str(ROOT / "main.nf")
-PROCESSES = ["CHECK_INPUT", "QC", "NORMALIZE", "TRAIN_INVAE", "EXPORT", "METRICS", "REPORT"]
+PROCESSES = ["CHECK_INPUT", "QC", "NORMALIZE", "TRAIN_INVAE", "BASELINE_HARMONY", "BASELINE_SCVI", "EXPORT", "METRICS", "REPORT"]
 
 
 def test_pinned_nextflow_version(tmp_path):
@@ -70,13 +70,24 @@ def test_profile_test_end_to_end_and_resume(tmp_path):
     assert emb.shape[0] == final.n_obs and emb.index.name == "cell_id"
 
     metrics = pd.read_csv(outdir / "metrics" / "scinv_metrics.csv", index_col=0)
-    assert {"X_scinv_inv", "X_pca"} <= set(metrics.index)
+    assert {"X_scinv_inv", "X_pca", "X_harmony", "X_scvi"} <= set(metrics.index)
     for col in ("Bio conservation", "Batch correction", "Total", "Total (published)"):
         assert metrics[col].between(0, 1).all(), col
+    transfer = pd.read_csv(outdir / "metrics" / "scinv_label_transfer.csv", index_col=0)
+    assert {"scinv invariant predictor", "kNN on X_scinv_inv", "kNN on X_harmony", "kNN on X_scvi"} <= set(transfer.index)
+    held = final.obs["batch"] == "C149"
+    assert (transfer["n_query"] == held.sum()).all() and (transfer["n_reference"] == (~held).sum()).all()
+    # the predictor never saw C149's labels, yet transfers them far better than chance (8 types)
+    assert transfer.loc["scinv invariant predictor", "accuracy"] > 0.6, transfer
 
-    html = (outdir / "report" / "scinv_report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 8  # QC, training, 3 UMAP grids, scIB, confusion
-    assert "Integration metrics" in html and "Software versions" in html
+    report = outdir / "report" / "scinv_report.html"
+    html = report.read_text()
+    assert "Integration metrics" in html and "Software versions" in html and "Label transfer to held-out batches" in html
+    # QC violins + scatter, training, 3 UMAP grids, scIB, confusion: every one decodes in a browser
+    sizes, shot = render_in_chromium(report, tmp_path)
+    assert len(sizes) == html.count("data:image/png;base64,") >= 8
+    assert all(w > 300 and h > 200 for w, h in sizes), sizes
+    assert shot.stat().st_size > 100_000  # a screenshot of a page full of figures, not a blank page
 
     info = outdir / "pipeline_info"
     assert list(info.glob("execution_trace_*.txt")) and list(info.glob("execution_report_*.html")) and list(info.glob("execution_timeline_*.html"))

@@ -8,6 +8,8 @@ include { TRAIN_INVAE } from '../modules/local/train_invae/main'
 include { EXPORT      } from '../modules/local/export/main'
 include { METRICS     } from '../modules/local/metrics/main'
 include { REPORT      } from '../modules/local/report/main'
+include { BASELINE_HARMONY } from '../modules/local/baseline_harmony/main'
+include { BASELINE_SCVI    } from '../modules/local/baseline_scvi/main'
 
 /*
  * Files a samplesheet names, in row order, so that they are staged into the task (containers,
@@ -49,8 +51,25 @@ workflow SCINV {
     EXPORT(NORMALIZE.out.h5ad.join(TRAIN_INVAE.out.model))
     ch_versions = ch_versions.mix(EXPORT.out.versions)
 
+    // Reference integrations, each its own process so they run beside TRAIN_INVAE
+    def baselines = (params.baselines ?: '').tokenize(',')*.trim()
+    ch_baselines = Channel.empty()
+    if ('harmony' in baselines) {
+        BASELINE_HARMONY(NORMALIZE.out.h5ad)
+        ch_baselines = ch_baselines.mix(BASELINE_HARMONY.out.embedding)
+        ch_versions = ch_versions.mix(BASELINE_HARMONY.out.versions)
+    }
+    if ('scvi' in baselines) {
+        BASELINE_SCVI(NORMALIZE.out.h5ad)
+        ch_baselines = ch_baselines.mix(BASELINE_SCVI.out.embedding)
+        ch_versions = ch_versions.mix(BASELINE_SCVI.out.versions)
+    }
+
     if (params.label_key && !params.skip_metrics) {
-        METRICS(EXPORT.out.h5ad)
+        ch_metrics_in = EXPORT.out.h5ad
+            .join(ch_baselines.groupTuple(), remainder: true)
+            .map { m, h5ad, emb -> [m, h5ad, emb ?: []] }
+        METRICS(ch_metrics_in)
         ch_versions = ch_versions.mix(METRICS.out.versions)
         ch_metrics = METRICS.out.csv
     } else {

@@ -377,3 +377,24 @@ def split_train_validation(n_cells: int, validation_fraction: float, seed: int) 
     perm = rng.permutation(n_cells)
     n_val = int(round(n_cells * validation_fraction)) if n_cells >= 20 else 0
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def hide_heldout_labels(obs: pd.DataFrame, batch_key: str, label_key: str, heldout: list[str], unknown_label: str, where: str) -> pd.Series:
+    """The label column with every cell of the `heldout` batches set to `unknown_label`.
+
+    Training on the result treats those batches as unlabelled query data (label-marginal prior, no
+    classifier or predictor target), so label transfer to them can be scored honestly afterwards.
+    """
+    for key in (batch_key, label_key):
+        if key not in obs.columns:
+            raise ScinvInputError(f"{where}: obs column '{key}' not found; fix --batch_key/--label_key")
+    batches = obs[batch_key].astype(str)
+    missing = sorted(set(heldout) - set(batches.unique()))
+    if missing:
+        raise ScinvInputError(f"{where}: held-out batches {missing} not in column '{batch_key}'; use values of that column in --heldout_batches")
+    hidden = batches.isin(heldout).to_numpy()
+    if hidden.all():
+        raise ScinvInputError(f"{where}: --heldout_batches names every batch; keep at least one labelled batch for training")
+    labels = obs[label_key].astype(str).to_numpy(copy=True)
+    labels[hidden] = unknown_label
+    return pd.Series(labels, index=obs.index, name=label_key)

@@ -106,3 +106,66 @@ def label_transfer_scores(true: np.ndarray, predicted: np.ndarray) -> dict:
     from sklearn.metrics import accuracy_score, f1_score
 
     return {"accuracy": float(accuracy_score(true, predicted)), "macro_f1": float(f1_score(true, predicted, average="macro"))}
+
+
+def heldout_mask(obs: pd.DataFrame, batch_key: str, label_key: str, heldout: list[str], unknown_label: str) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, query) boolean masks: labelled cells outside / inside the held-out batches."""
+    batches = obs[batch_key].astype(str)
+    missing = sorted(set(heldout) - set(batches.unique()))
+    if missing:
+        raise ScinvInputError(f"metrics: held-out batches {missing} not in column '{batch_key}'; fix --heldout_batches")
+    known = (obs[label_key].astype(str) != unknown_label).to_numpy()
+    query = batches.isin(heldout).to_numpy()
+    return known & ~query, known & query
+
+
+def label_transfer_table(
+    adata: ad.AnnData,
+    embedding_keys: list[str],
+    batch_key: str,
+    label_key: str,
+    heldout: list[str],
+    unknown_label: str = "Unknown",
+    prediction_key: str | None = "scinv_prediction",
+    n_neighbors: int = 15,
+) -> pd.DataFrame:
+    """Label transfer from the labelled batches to the held-out ones; one row per method.
+
+    Each embedding is scored by a kNN classifier (`n_neighbors`, distance-weighted) fitted on the
+    reference cells; `prediction_key` (the invariant predictor's output) is scored as it is.
+    Columns: accuracy, macro_f1, n_reference, n_query.
+    """
+    from sklearn.neighbors import KNeighborsClassifier
+
+    ref, query = heldout_mask(adata.obs, batch_key, label_key, heldout, unknown_label)
+    if not query.any() or not ref.any():
+        raise ScinvInputError("metrics: no labelled cells in the held-out batches or none outside them; check --heldout_batches and --label_key")
+    truth = adata.obs[label_key].astype(str).to_numpy()
+    rows = {}
+    if prediction_key and prediction_key in adata.obs:
+        rows["scinv invariant predictor"] = label_transfer_scores(truth[query], adata.obs[prediction_key].astype(str).to_numpy()[query])
+    for key in embedding_keys:
+        z = np.asarray(adata.obsm[key], dtype=np.float32)
+        knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, int(ref.sum())), weights="distance").fit(z[ref], truth[ref])
+        rows[f"kNN on {key}"] = label_transfer_scores(truth[query], knn.predict(z[query]))
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df["n_reference"], df["n_query"] = int(ref.sum()), int(query.sum())
+    df.index.name = "method"
+    return df
+
+
+def add_baseline_embeddings(adata: ad.AnnData, paths: list[str]) -> list[str]:
+    """Put each baseline parquet (index cell_id, columns '<method>_<i>') into obsm['X_<method>']."""
+    keys = []
+    for path in paths:
+        table = pd.read_parquet(path)
+        if table.shape[1] == 0:
+            raise ScinvInputError(f"{path}: no embedding columns; rerun the baseline step")
+        method = str(table.columns[0]).rsplit("_", 1)[0]
+        missing = adata.obs_names.difference(table.index)
+        if len(missing):
+            raise ScinvInputError(f"{path}: {len(missing)} cells of the exported data are missing (e.g. '{missing[0]}'); the baseline ran on other data")
+        key = f"X_{method}"
+        adata.obsm[key] = table.loc[adata.obs_names].to_numpy(np.float32)
+        keys.append(key)
+    return keys

@@ -138,6 +138,26 @@ def confusion_figure(true: pd.Series, pred: pd.Series) -> str:
     return fig_to_img(fig, "confusion matrix")
 
 
+def _prediction_section(adata, label_key: str, batch_key: str, transfer: pd.DataFrame | None, heldout: list[str]) -> str:
+    """Confusion matrix of the invariant predictor: on the held-out batches when there are any."""
+    obs = adata.obs
+    cells = obs[label_key].astype(str) != "Unknown"
+    if heldout and batch_key in obs:
+        cells &= obs[batch_key].astype(str).isin(heldout)
+        scope = f"the held-out batches ({html.escape(', '.join(heldout))}), whose labels training never saw"
+    else:
+        scope = "all labelled cells (training cells included, so this is not a transfer score)"
+    truth, pred = obs.loc[cells, label_key].astype(str), obs.loc[cells, "scinv_prediction"].astype(str)
+    if not len(truth):
+        return "<p>No labelled cells to compare predictions with.</p>"
+    body = confusion_figure(truth, pred)
+    body += f"<p>Invariant predictor vs given labels on {scope}: accuracy {float((truth == pred).mean()):.3f} on {len(truth)} cells.</p>"
+    if transfer is not None and len(transfer):
+        body += "<h3>Label transfer to held-out batches</h3>" + table_html(transfer)
+        body += "<p class='note'>kNN rows: a 15-neighbour distance-weighted classifier fitted on the labelled batches of that embedding.</p>"
+    return body
+
+
 def build_report(
     adata,
     qc_obs: pd.DataFrame | None,
@@ -150,6 +170,8 @@ def build_report(
     versions: str = "",
     params: dict | None = None,
     title: str = "scinv integration report",
+    label_transfer: pd.DataFrame | None = None,
+    heldout_batches: list[str] | None = None,
 ) -> str:
     """Return the full HTML text."""
     sections: list[tuple[str, str]] = []
@@ -182,11 +204,7 @@ def build_report(
         note = f"<p class='note'>scib-metrics on {metrics.attrs.get('n_cells', 'all')} cells with known labels; raw scores. 'Total' = 0.4 batch + 0.6 bio over all metrics run; 'Total (published)' uses the inVAE paper's aggregation (batch = mean of BRAS and graph connectivity).</p>"
         sections.append(("Integration metrics (scIB)", scib_figure(metrics) + table_html(metrics) + note))
     if label_key and "scinv_prediction" in adata.obs and label_key in adata.obs:
-        known = adata.obs[label_key].astype(str) != "Unknown"
-        body = confusion_figure(adata.obs.loc[known, label_key], adata.obs.loc[known, "scinv_prediction"])
-        acc = float((adata.obs.loc[known, label_key].astype(str) == adata.obs.loc[known, "scinv_prediction"].astype(str)).mean())
-        body += f"<p>Invariant predictor vs given labels: accuracy {acc:.3f} on {int(known.sum())} labelled cells (training cells included; see held-out metrics for transfer).</p>"
-        sections.append(("Label prediction", body))
+        sections.append(("Label prediction", _prediction_section(adata, label_key, batch_key, label_transfer, heldout_batches or [])))
     if versions:
         sections.append(("Software versions", f"<pre>{html.escape(versions)}</pre>"))
     if params:

@@ -3,23 +3,27 @@ process METRICS {
     label 'process_medium'
 
     input:
-    tuple val(meta), path(h5ad)
+    tuple val(meta), path(h5ad), path(baseline_embeddings)
 
     output:
-    tuple val(meta), path("${meta.id}_metrics.csv"), emit: csv
-    path "versions.yml"                            , emit: versions
+    tuple val(meta), path("${meta.id}_{metrics,label_transfer}.csv"), emit: csv
+    path "versions.yml"                                            , emit: versions
 
     script:
     def args = task.ext.args ?: ''
+    def baselines = baseline_embeddings ? "--baseline-embeddings ${(baseline_embeddings instanceof List ? baseline_embeddings : [baseline_embeddings]).join(',')}" : ''
+    def transfer = params.heldout_batches ? "--label-transfer ${meta.id}_label_transfer.csv" : ''
     """
     export NUMBA_CACHE_DIR=\$PWD/.numba_cache MPLCONFIGDIR=\$PWD/.mpl
     scinv_metrics.py \\
         --input ${h5ad} \\
         --output ${meta.id}_metrics.csv \\
         --n-jobs ${task.cpus} \\
+        ${baselines} \\
+        ${transfer} \\
         ${args}
 
-    scinv_versions.py "${task.process}" scib-metrics jax pynndescent > versions.yml
+    scinv_versions.py "${task.process}" scib-metrics jax pynndescent scikit-learn > versions.yml
     """
 
     stub:

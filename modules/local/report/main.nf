@@ -13,7 +13,8 @@ process REPORT {
 
     script:
     def args = task.ext.args ?: ''
-    def metrics_arg = metrics ? "--metrics ${metrics}" : ''
+    def tables = metrics instanceof List ? metrics : (metrics ? [metrics] : [])
+    def metrics_arg = tables.collect { f -> f.name.endsWith('_label_transfer.csv') ? "--label-transfer ${f}" : "--metrics ${f}" }.join(' ')
     """
     export MPLCONFIGDIR=\$PWD/.mpl
     scinv_report.py \\

@@ -59,6 +59,9 @@ def validateParameters(String schemaPath) {
     if (params.label_key && params.label_key == params.batch_key) {
         errors << "--label_key and --batch_key must differ (both '${params.batch_key}')"
     }
+    if (params.heldout_batches && !params.label_key) {
+        errors << "--heldout_batches needs --label_key (label transfer is scored against the labels)"
+    }
     if (errors) {
         errors.each { log.error "Invalid parameter: ${it}" }
         error("Parameter validation failed: ${errors.size()} problem(s), listed above. Run with --help to see all parameters.")
