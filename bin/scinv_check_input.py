@@ -3,6 +3,7 @@
 import click
 
 from scinv.cli import key_list, step
+from scinv.errors import ScinvInputError
 from scinv.io import write_h5ad
 from scinv.preprocess import check_obs_keys, load_input
 
@@ -22,8 +23,11 @@ def main(input_path, output, batch_key, label_key, obs_keys, annotations, unknow
     adata = load_input(input_path, batch_key=batch_key, annotations=annotations, unknown_label=unknown_label, staged_dir=staged_dir)
     check_obs_keys(adata, [batch_key, label_key, *key_list(obs_keys)], input_path)
     n_batches = adata.obs[batch_key].nunique()
-    if n_batches < 2:
-        click.echo(f"WARNING: {input_path}: only one batch in '{batch_key}'; integration will only model the other covariates", err=True)
+    if n_batches < 2:  # refused here, in seconds, rather than by METRICS/baselines after training
+        raise ScinvInputError(
+            f"{input_path}: only one batch in column '{batch_key}'; integration needs two or more. "
+            "Set --batch_key to a column with several values, or add samples from other batches"
+        )
     write_h5ad(adata, output)
     click.echo(f"CHECK_INPUT: {adata.n_obs} cells x {adata.n_vars} genes from {adata.obs['sample'].nunique()} sample(s), {n_batches} batch(es)", err=True)
 

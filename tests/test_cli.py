@@ -9,7 +9,7 @@ from scinv.io import write_h5ad
 
 from conftest import ROOT, one_error_line, run_script
 
-STEPS = ["scinv_check_input.py", "scinv_qc.py", "scinv_normalize.py", "scinv_train.py", "scinv_export.py", "scinv_metrics.py", "scinv_report.py"]
+STEPS = ["scinv_check_input.py", "scinv_qc.py", "scinv_normalize.py", "scinv_train.py", "scinv_baseline.py", "scinv_export.py", "scinv_metrics.py", "scinv_report.py"]
 
 
 @pytest.mark.parametrize("script", STEPS)
@@ -136,3 +136,73 @@ def test_report_on_non_h5ad(tmp_path):
     bad.write_text("not hdf5")
     res = run_script("scinv_report.py", "--input", str(bad), "--output", str(tmp_path / "r.html"))
     assert res.returncode != 0 and not (tmp_path / "r.html").exists()
+
+
+def qc_args(tmp_path, data, *extra):
+    return ("--input", str(data), "--output", str(tmp_path / "q.h5ad"), "--summary", str(tmp_path / "s.csv"),
+            "--cells", str(tmp_path / "c.parquet"), "--no-doublets", *extra)
+
+
+def test_check_input_refuses_a_single_batch(tmp_path, small_adata):
+    small_adata.obs["batch"] = "only"
+    write_h5ad(small_adata, tmp_path / "one.h5ad")
+    res = run_script("scinv_check_input.py", "--input", str(tmp_path / "one.h5ad"), "--output", str(tmp_path / "o.h5ad"))
+    assert res.returncode == 2
+    line = one_error_line(res.stderr)
+    assert "one.h5ad" in line and "only one batch in column 'batch'" in line and "--batch_key" in line
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_qc_names_the_sample_left_with_zero_cells(tmp_path, small_adata):
+    # a per-sample threshold (samplesheet column) that no cell of batch b1 can meet
+    small_adata.obs["min_genes"] = (small_adata.obs["batch"] == "b1").map({True: 10**6, False: 10}).astype(float)
+    write_h5ad(small_adata, tmp_path / "m.h5ad")
+    res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-counts", "1"))
+    assert res.returncode == 2
+    line = one_error_line(res.stderr)
+    assert "zero cells in sample(s) ['b1']" in line and "drop them from the samplesheet" in line
+    assert not list(tmp_path.glob("q.h5ad*")) and not (tmp_path / "s.csv").exists()
+
+
+def test_qc_refuses_when_every_gene_is_filtered(tmp_path, small_adata):
+    write_h5ad(small_adata, tmp_path / "m.h5ad")
+    res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-genes", "1", "--min-counts", "1",
+                                             "--min-cells-per-gene", "100000"))
+    assert res.returncode == 2
+    assert "removed all 120 genes; lower --min_cells_per_gene" in one_error_line(res.stderr)
+    assert not list(tmp_path.glob("q.h5ad*"))
+
+
+def test_train_refuses_an_unknown_heldout_batch(tmp_path, small_adata):
+    write_h5ad(small_adata, tmp_path / "n.h5ad")
+    res = run_script("scinv_train.py", "--input", str(tmp_path / "n.h5ad"), "--model-dir", str(tmp_path / "m"),
+                     "--history", str(tmp_path / "h.csv"), "--label-key", "cell_type", "--heldout-batches", "b9")
+    assert res.returncode == 2
+    assert "held-out batches ['b9'] not in column 'batch'" in one_error_line(res.stderr)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("method", ["harmony", "scvi"])
+def test_baseline_embeddings_keyed_by_cell(tmp_path, small_adata, method):
+    import scanpy as sc
+
+    sc.pp.normalize_total(small_adata)
+    sc.pp.log1p(small_adata)
+    sc.pp.pca(small_adata, n_comps=10)
+    write_h5ad(small_adata, tmp_path / "n.h5ad")
+    out = tmp_path / f"{method}.parquet"
+    res = run_script("scinv_baseline.py", "--method", method, "--input", str(tmp_path / "n.h5ad"), "--output", str(out),
+                     "--max-epochs", "3", "--threads", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    emb = pd.read_parquet(out)
+    assert emb.index.name == "cell_id" and list(emb.index) == list(small_adata.obs_names)
+    assert emb.shape[1] == (10 if method == "harmony" else 25) and emb.notna().all().all()
+    assert emb.columns[0] == f"{method}_0"
+
+
+def test_baseline_refuses_a_single_batch(tmp_path, small_adata):
+    small_adata.obs["batch"] = "one"
+    write_h5ad(small_adata, tmp_path / "n.h5ad")
+    res = run_script("scinv_baseline.py", "--method", "scvi", "--input", str(tmp_path / "n.h5ad"), "--output", str(tmp_path / "s.parquet"))
+    assert res.returncode == 2 and "only one batch" in one_error_line(res.stderr)
+    assert not (tmp_path / "s.parquet").exists()

@@ -60,3 +60,46 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path, small_ad
     assert list(h_resumed["epoch"]) == list(range(1, 25))
     final_full, final_resumed = h_full["train_loss"].iloc[-1], h_resumed["train_loss"].iloc[-1]
     assert abs(final_full - final_resumed) <= 1e-3 * abs(final_full)
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A local S3 endpoint (moto server) with one bucket; clients find it through AWS_ENDPOINT_URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3").create_bucket(Bucket="scinv-ckpt")
+    yield boto3.client("s3")
+    server.stop()
+
+
+def test_checkpoints_on_s3_resume_a_rerun(tmp_path, s3_bucket):
+    """--checkpoint-dir s3://...: the checkpoint lands in the bucket and a longer rerun continues from it."""
+    from scinv.datasets import synthetic_counts
+
+    data = tmp_path / "data.h5ad"
+    write_h5ad(synthetic_counts(n_cells=800, n_genes=100, n_batches=2, n_types=3, seed=3), data)
+    for name in ("full", "first", "rerun"):
+        (tmp_path / name).mkdir()
+    url = "s3://scinv-ckpt/runs/r1"
+
+    full = subprocess.run(train_cmd(data, tmp_path / "full", epochs=8), capture_output=True, text=True)
+    first = subprocess.run(train_cmd(data, tmp_path / "first", url, epochs=4), capture_output=True, text=True)
+    assert full.returncode == 0 and first.returncode == 0, first.stderr[-2000:]
+    keys = [o["Key"] for o in s3_bucket.list_objects_v2(Bucket="scinv-ckpt")["Contents"]]
+    assert keys == ["runs/r1/last.ckpt"]
+
+    rerun = subprocess.run(train_cmd(data, tmp_path / "rerun", url, epochs=8), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resumed from {url}/last.ckpt at epoch 4" in rerun.stderr
+    h_full = pd.read_csv(tmp_path / "full" / "history.csv")
+    h_rerun = pd.read_csv(tmp_path / "rerun" / "history.csv")
+    assert list(h_rerun["epoch"]) == list(range(1, 9))
+    assert abs(h_full["train_loss"].iloc[-1] - h_rerun["train_loss"].iloc[-1]) <= 1e-3 * abs(h_full["train_loss"].iloc[-1])

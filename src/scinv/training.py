@@ -3,6 +3,7 @@ progress with ETA, mixed precision on GPU, and resumable checkpoints (weights_on
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -16,10 +17,55 @@ import numpy as np
 import torch
 
 from .data import EncodedData, MinibatchLoader, split_train_validation
+from .errors import ScinvInputError
 from .module import InVAEModule
 
 log = logging.getLogger("scinv")
 CHECKPOINT_NAME = "last.ckpt"
+
+
+class CheckpointStore:
+    """`last.ckpt` in a local directory or under a URL that fsspec knows (s3://, gs://, az://).
+
+    Local files are written to a temp name and renamed; an object store makes a single PUT visible
+    only when complete, so a killed task never leaves a half-written checkpoint either way. Loading
+    uses torch.load(weights_only=True): no pickle code runs.
+    """
+
+    def __init__(self, location: str | os.PathLike):
+        location = str(location)
+        self.remote = "://" in location and not location.startswith("file://")
+        self.path = f"{location.rstrip('/')}/{CHECKPOINT_NAME}" if self.remote else str(Path(location.removeprefix("file://")) / CHECKPOINT_NAME)
+
+    def _fs(self):
+        import fsspec
+
+        try:
+            return fsspec.core.url_to_fs(self.path)[0]
+        except (ImportError, ValueError) as err:
+            raise ScinvInputError(f"checkpoint dir {self.path}: {err}; install the filesystem package (s3fs for s3://) or use a local path") from err
+
+    def exists(self) -> bool:
+        return self._fs().exists(self.path) if self.remote else Path(self.path).exists()
+
+    def save(self, state: dict) -> str:
+        if not self.remote:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(self.path).with_name(f".{CHECKPOINT_NAME}.tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+            return self.path
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        with self._fs().open(self.path, "wb") as fh:
+            fh.write(buf.getvalue())
+        return self.path
+
+    def load(self) -> dict:
+        if not self.remote:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        with self._fs().open(self.path, "rb") as fh:
+            return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
 
 
 @dataclass
@@ -136,18 +182,12 @@ class Trainer:
             "val_idx": torch.from_numpy(self.val_idx),
         }
 
-    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
-        """Write the full training state atomically (temp file, then rename)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        final = directory / CHECKPOINT_NAME
-        tmp = directory / f".{CHECKPOINT_NAME}.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, final)
-        return final
+    def save_checkpoint(self, location: str | os.PathLike) -> str:
+        """Write the full training state to `location`/last.ckpt (local or s3://...), never half-written."""
+        return CheckpointStore(location).save(self.state_dict())
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def load_checkpoint(self, location: str | os.PathLike) -> None:
+        state = CheckpointStore(location).load()
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -208,9 +248,9 @@ class Trainer:
         c = self.config
         seed_everything(c.seed)
         self._make_loaders()
-        if checkpoint_dir and resume and (Path(checkpoint_dir) / CHECKPOINT_NAME).exists():
-            self.load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME)
-            progress(f"resumed from {Path(checkpoint_dir) / CHECKPOINT_NAME} at epoch {self.epoch}")
+        if checkpoint_dir and resume and CheckpointStore(checkpoint_dir).exists():
+            self.load_checkpoint(checkpoint_dir)
+            progress(f"resumed from {CheckpointStore(checkpoint_dir).path} at epoch {self.epoch}")
         progress(
             f"training on {self.device} ({len(self.train_idx)} train / {len(self.val_idx)} validation cells, "
             f"{sum(p.numel() for p in self.module.parameters()):,} parameters, up to {c.max_epochs} epochs)"
