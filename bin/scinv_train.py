@@ -29,6 +29,7 @@ from scinv.model import InVAE
 @click.option("--n-layers", default=2, type=int, help="Hidden layers in encoder and decoder.")
 @click.option("--dropout", default=0.1, type=float, help="Dropout rate of hidden layers.")
 @click.option("--prior-mode", default="mean", type=click.Choice(["mean", "variance", "both"]), help="Which prior parameters the covariates set.")
+@click.option("--prior-family", default="gaussian", type=click.Choice(["gaussian", "nf"]), help="Invariant prior: conditional Gaussian, or NFinVAE's exponential family fitted by score matching.")
 @click.option("--tc-weight", default=0.0, type=float, help="Weight of the total-correlation penalty between z_inv and z_spur.")
 @click.option("--classifier-weight", default=20.0, type=float, help="Weight of the jointly trained label classifier on z_inv (labels as targets only; 0: off).")
 @click.option("--encode-covariates/--no-encode-covariates", default=False, help="Let the encoder see the technical covariates (never the labels).")
@@ -48,7 +49,7 @@ from scinv.model import InVAE
 @click.option("--checkpoint-every", default=10, type=int, help="Checkpoint every N epochs (needs --checkpoint-dir).")
 @step
 def main(input_path, model_dir, history_out, layer, batch_key, label_key, unknown_label, heldout_batches, invariant_keys, spurious_keys, continuous_keys,
-         n_latent_inv, n_latent_spur, n_hidden, n_layers, dropout, prior_mode, tc_weight, classifier_weight, encode_covariates, max_epochs, batch_size, lr, weight_decay,
+         n_latent_inv, n_latent_spur, n_hidden, n_layers, dropout, prior_mode, prior_family, tc_weight, classifier_weight, encode_covariates, max_epochs, batch_size, lr, weight_decay,
          kl_warmup_epochs, early_stopping_patience, validation_fraction, predictor_epochs, irm_weight, seed, device, threads,
          checkpoint_dir, checkpoint_every):
     """Train inVAE and save the model directory."""
@@ -65,7 +66,7 @@ def main(input_path, model_dir, history_out, layer, batch_key, label_key, unknow
         adata, layer=layer or None, batch_key=batch_key or None, label_key=label_key or None, unknown_label=unknown_label,
         invariant_keys=key_list(invariant_keys), spurious_keys=key_list(spurious_keys), continuous_keys=key_list(continuous_keys),
         n_latent_inv=n_latent_inv, n_latent_spur=n_latent_spur, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout,
-        prior_mode=prior_mode, tc_weight=tc_weight, classifier_weight=classifier_weight,
+        prior_mode=prior_mode, prior_family=prior_family, tc_weight=tc_weight, classifier_weight=classifier_weight,
         encode_covariates=encode_covariates, _where=input_path,
     )
     model.train(

@@ -61,6 +61,11 @@ class InVAE:
         during training they are hidden for a `covariate_dropout` fraction of cells, so that
         cells of unseen batches can be encoded as "batch unknown". Default False: the encoder
         reads counts only, so query cells need no covariates at all.
+    prior_family
+        'gaussian' (the conditional Gaussian priors above) or 'nf' (NFinVAE: a non-factorised
+        exponential-family prior for z_inv fitted by score matching with the exact Hessian
+        diagonal; `prior_mode` then applies to the spurious prior only; reported kl_inv is up to
+        the prior's log-normaliser).
     classifier_weight
         Weight of an auxiliary classifier of the labels from z_inv trained jointly (labels are
         targets, never encoder inputs). Without it the invariant latent can collapse when the
@@ -89,6 +94,7 @@ class InVAE:
         encode_covariates: bool = False,
         covariate_dropout: float = 0.2,
         classifier_weight: float = 20.0,
+        prior_family: str = "gaussian",
         predictor_hidden: int = 64,
         _registry: DataRegistry | None = None,
         _where: str = "AnnData",
@@ -100,7 +106,7 @@ class InVAE:
             n_latent_inv=n_latent_inv, n_latent_spur=n_latent_spur, n_hidden=n_hidden, n_layers=n_layers,
             dropout=dropout, batch_norm=batch_norm, prior_mode=prior_mode, kl_estimator=kl_estimator,
             tc_weight=tc_weight, encode_covariates=encode_covariates, covariate_dropout=covariate_dropout,
-            classifier_weight=classifier_weight, predictor_hidden=predictor_hidden,
+            classifier_weight=classifier_weight, predictor_hidden=predictor_hidden, prior_family=prior_family,
         )
         self.adata = adata
         self._data: EncodedData | None = self.registry.encode(adata, _where) if adata is not None else None
@@ -133,7 +139,7 @@ class InVAE:
             n_layers=h["n_layers"], dropout=h["dropout"], batch_norm=h["batch_norm"], prior_mode=h["prior_mode"],
             kl_estimator=h["kl_estimator"], tc_weight=h["tc_weight"], label_frequencies=label_frequencies,
             encode_covariates=h["encode_covariates"], covariate_dropout=h["covariate_dropout"],
-            classifier_weight=h.get("classifier_weight", 0.0),
+            classifier_weight=h.get("classifier_weight", 0.0), prior_family=h.get("prior_family", "gaussian"),
         )
 
     @property
