@@ -121,3 +121,20 @@ def test_normalised_h5ad_refused(tmp_path, small_adata):
     small_adata.write_h5ad(path)
     with pytest.raises(ScinvInputError, match="non-integer"):
         load_input(str(path))
+
+
+def test_synthetic_h5ad_written_in_chunks_reads_back_backed(tmp_path):
+    import anndata as ad
+
+    from scinv.datasets import write_synthetic_h5ad
+
+    path = tmp_path / "big.h5ad"
+    write_synthetic_h5ad(path, n_cells=2500, n_genes=50, n_batches=3, n_types=4, chunk_size=1000, seed=1)
+    backed = ad.read_h5ad(path, backed="r")
+    assert backed.shape == (2500, 50) and backed.isbacked
+    rows = backed.X[1990:2010]
+    full = ad.read_h5ad(path)
+    assert (rows != full.X[1990:2010]).nnz == 0 and full.X.sum() > 0
+    assert set(full.obs["batch"].cat.categories) == {"b0", "b1", "b2"} and full.obs_names[-1] == "cell2499"
+    assert float(full.X.data.min()) >= 1 and np.all(full.X.data == np.round(full.X.data))
+    assert not (tmp_path / "big.h5ad.tmp").exists()
