@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from _rss import peak_rss_gb  # benchmarks/_rss.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,40 @@ def run_scinv(args) -> None:
         model.train_predictor(seed=args.seed)
         labels, _ = model.predict(query)
         result["predictor_query_accuracy"] = float((labels == query.obs["cell_type"].astype(str).to_numpy()).mean())
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    result["peak_rss_gb"] = peak_rss_gb()
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+
+
+def run_scvi(args) -> None:
+    """scVI (scvi-tools) at scinv's size: 25 latent dims, 2 x 128 hidden, batch 256; per-epoch times."""
+    import anndata as ad
+    import scvi
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    torch.set_num_threads(args.threads)
+    scvi.settings.seed = args.seed
+    adata = ad.read_h5ad(args.input)
+    scvi.model.SCVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = scvi.model.SCVI(adata, n_latent=25, n_hidden=128, n_layers=2)
+    times = []
+
+    class EpochTimer(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            times.append(time.perf_counter() - self.t0)
+
+    t0 = time.perf_counter()
+    model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=1.0, early_stopping=False,
+                enable_progress_bar=False, callbacks=[EpochTimer()], accelerator="cpu")
+    result = {"tool": f"scvi-tools {scvi.__version__}", "epochs": len(times), "seconds": time.perf_counter() - t0,
+              "seconds_per_epoch": float(np.median(times)), "cells": adata.n_obs,
+              "params": sum(p.numel() for p in model.module.parameters()), "threads": args.threads,
+              "batch_size": args.batch_size, "peak_rss_gb": peak_rss_gb()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))
 
 
@@ -122,7 +156,9 @@ def main() -> None:
     p.add_argument("--genes", type=int, default=2_000)
     p.add_argument("--epochs", type=int, default=100, help="training epochs for the quality runs")
     p.add_argument("--timing-epochs", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the quality runs")
+    p.add_argument("--speed-threads", default="1,2", help="comma list of thread counts for the speed runs")
+    p.add_argument("--no-scvi", action="store_true", help="skip the scVI speed runs")
     p.add_argument("--type-strength", type=float, default=0.6, help="synthetic data: sd of log-fold changes of type markers (5%% of genes)")
     p.add_argument("--batch-strength", type=float, default=0.5, help="synthetic data: sd of per-gene log batch effects")
     p.add_argument("--seeds", default="0", help="comma list of seeds for the quality runs")
@@ -133,6 +169,7 @@ def main() -> None:
     p.add_argument("--query-batch", default=None, help="batch held out as the query (default: the last one)")
     # child mode
     p.add_argument("--run-scinv", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--run-scvi", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--query", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -144,6 +181,8 @@ def main() -> None:
     args = p.parse_args()
     if args.run_scinv:
         return run_scinv(args)
+    if args.run_scvi:
+        return run_scvi(args)
 
     import anndata as ad
     import scanpy as sc
@@ -170,14 +209,20 @@ def main() -> None:
         invae = None
     rows = []
 
-    print(f"speed: {adata.n_obs} cells x {adata.n_vars} genes, {args.timing_epochs} epochs, {args.threads} thread(s)", flush=True)
-    common = ["--input", str(work / "all.h5ad"), "--epochs", str(args.timing_epochs), "--threads", str(args.threads)]
-    for bs in (256, 512):
-        r = child(me + common + ["--out", str(work / f"t_scinv_{bs}"), "--timing", "--batch-size", str(bs)], work / f"t_scinv_{bs}.log")
-        rows.append({"run": f"speed scinv (batch {bs})", **r})
-    if invae:
-        r = child(invae + common + ["--out", str(work / "t_invae")], work / "t_invae.log")
-        rows.append({"run": "speed invae 0.1.0 (batch 256)", **r})
+    scvi_cmd = None if args.no_scvi else [sys.executable, str(Path(__file__).resolve()), "--run-scvi"]
+    for threads in [int(s) for s in args.speed_threads.split(",")]:
+        print(f"speed: {adata.n_obs} cells x {adata.n_vars} genes, {args.timing_epochs} epochs, {threads} thread(s)", flush=True)
+        common = ["--input", str(work / "all.h5ad"), "--epochs", str(args.timing_epochs), "--threads", str(threads)]
+        for bs in (256, 512):
+            r = child(me + common + ["--out", str(work / f"t_scinv_{bs}_{threads}"), "--timing", "--batch-size", str(bs)], work / f"t_scinv_{bs}_{threads}.log")
+            rows.append({"run": f"speed scinv (batch {bs}, {threads} thr)", **r})
+        if invae:
+            r = child(invae + common + ["--out", str(work / f"t_invae_{threads}")], work / f"t_invae_{threads}.log")
+            rows.append({"run": f"speed invae 0.1.0 (batch 256, {threads} thr)", **r})
+        if scvi_cmd:
+            r = child(scvi_cmd + common + ["--out", str(work / f"t_scvi_{threads}"), "--batch-size", "256"], work / f"t_scvi_{threads}.log")
+            rows.append({"run": f"speed scVI (batch 256, {threads} thr)", **r})
+        print(pd.DataFrame(rows).set_index("run")[["seconds_per_epoch", "cells_per_second", "params", "peak_rss_gb"]].round(3), flush=True)
 
     if not args.skip_quality:
         sc.pp.normalize_total(adata, target_sum=1e4)

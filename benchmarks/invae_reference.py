@@ -9,7 +9,6 @@ Called by benchmarks/bench_model.py; not imported by scinv.
 """
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import anndata as ad
 import numpy as np
 import torch
 from torch import optim
+
+from _rss import peak_rss_gb  # benchmarks/_rss.py (this script's folder is on sys.path)
 
 
 class _QuietPlateau(optim.lr_scheduler.ReduceLROnPlateau):
@@ -64,7 +65,7 @@ def main():
     result = {
         "tool": "invae 0.1.0", "epochs": a.epochs, "seconds": seconds, "seconds_per_epoch": seconds / a.epochs,
         "cells": adata.n_obs, "cells_per_second": adata.n_obs * a.epochs / seconds, "params": n_params,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "threads": a.threads,
+        "peak_rss_gb": peak_rss_gb(), "threads": a.threads,
     }
     np.save(out / "latent_reference.npy", model.get_latent_representation(latent_type="inv", verbose=False))
     if a.query:
