@@ -289,6 +289,7 @@ class MinibatchLoader:
         device: str | torch.device = "cpu",
         chunk_size: int = 16384,
         drop_last: bool = False,
+        likelihood_terms: bool = True,
     ):
         self.data = data
         self.indices = np.arange(data.n_cells) if indices is None else np.asarray(indices)
@@ -299,6 +300,7 @@ class MinibatchLoader:
         self.backed = not sp.issparse(data.X)
         self.chunk_size = chunk_size
         self.drop_last = drop_last
+        self.likelihood_terms = likelihood_terms  # False: encoder inputs only (inference)
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -322,6 +324,15 @@ class MinibatchLoader:
         n_rows, n_genes = block.shape
         values, cols = block.data, block.indices.astype(np.int64)
         logged = sp.csr_matrix((np.log1p(values), block.indices, block.indptr), shape=block.shape)
+        covariates = {
+            "inv": torch.from_numpy(d.inv_covariates[rows]),
+            "spur": torch.from_numpy(d.spur_covariates[rows]),
+            "label": torch.from_numpy(d.labels[rows]),
+            "env": torch.from_numpy(d.environments[rows]),
+            "index": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
+        }
+        if not self.likelihood_terms:
+            return {"x_log": torch.from_numpy(logged.toarray()), **covariates}
         # histogram of counts 1..K per gene; larger counts listed individually (see count_lgamma_sum)
         k = COUNT_HISTOGRAM_BINS
         counts = np.rint(values).astype(np.int64)
@@ -335,11 +346,7 @@ class MinibatchLoader:
             "tail_cols": torch.from_numpy(cols[tail]),
             "tail_vals": torch.from_numpy(values[tail].astype(np.float32)),
             "log_x_factorial": torch.from_numpy(log_fact),
-            "inv": torch.from_numpy(d.inv_covariates[rows]),
-            "spur": torch.from_numpy(d.spur_covariates[rows]),
-            "label": torch.from_numpy(d.labels[rows]),
-            "env": torch.from_numpy(d.environments[rows]),
-            "index": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
+            **covariates,
         }
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -348,10 +355,11 @@ class MinibatchLoader:
         for chunk in self._order():
             if self.backed:
                 source = sp.csr_matrix(d.X[chunk[0] : chunk[-1] + 1][chunk - chunk[0]], dtype=np.float32)
-                source_log_fact = log_factorial_rows(source)
+                source_log_fact = log_factorial_rows(source) if self.likelihood_terms else np.zeros(len(chunk), np.float32)
                 pos = self.rng.permutation(len(chunk)) if self.shuffle else np.arange(len(chunk))
             else:
-                source, source_log_fact, pos = d.X, d.log_x_factorial, chunk
+                source, pos = d.X, chunk
+                source_log_fact = d.log_x_factorial if self.likelihood_terms else np.zeros(d.n_cells, np.float32)
             for start in range(0, len(pos), self.batch_size):
                 sel = pos[start : start + self.batch_size]
                 if self.drop_last and len(sel) < self.batch_size:

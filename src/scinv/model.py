@@ -296,12 +296,14 @@ class InVAE:
     def _posterior(self, data: EncodedData, batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior means and variances (n_cells, D) on the CPU, encoded in minibatches."""
         self.module.eval().to(self.device)
-        means, variances = [], []
-        for batch in MinibatchLoader(data, batch_size=batch_size, shuffle=False, device=self.device):
+        n_latent = self.hparams["n_latent_inv"] + self.hparams["n_latent_spur"]
+        means, variances = torch.empty(data.n_cells, n_latent), torch.empty(data.n_cells, n_latent)  # filled in place: flat memory
+        start = 0
+        for batch in MinibatchLoader(data, batch_size=batch_size, shuffle=False, device=self.device, likelihood_terms=False):
             qm, qv = self.module.encoder(batch["x_log"], batch["spur"])
-            means.append(qm.float().cpu())
-            variances.append(qv.float().cpu())
-        return torch.cat(means), torch.cat(variances)
+            means[start : start + len(qm)], variances[start : start + len(qm)] = qm.float().cpu(), qv.float().cpu()
+            start += len(qm)
+        return means, variances
 
     @torch.no_grad()
     def predict(self, adata=None, batch_size: int = 4096) -> tuple[np.ndarray, pd.DataFrame]:
