@@ -164,6 +164,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="comma list of seeds for the quality runs")
     p.add_argument("--scib", action="store_true", help="also compute scib-metrics totals (slow)")
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--csv", default="benchmarks/results/bench_model.csv")
     p.add_argument("--h5ad", default=None, help="use this AnnData (counts in layers['counts'], obs batch/cell_type) instead of synthetic data")
     p.add_argument("--query-batch", default=None, help="batch held out as the query (default: the last one)")
@@ -210,7 +211,7 @@ def main() -> None:
     rows = []
 
     scvi_cmd = None if args.no_scvi else [sys.executable, str(Path(__file__).resolve()), "--run-scvi"]
-    for threads in [int(s) for s in args.speed_threads.split(",")]:
+    for threads in [] if args.skip_speed else [int(s) for s in args.speed_threads.split(",")]:
         print(f"speed: {adata.n_obs} cells x {adata.n_vars} genes, {args.timing_epochs} epochs, {threads} thread(s)", flush=True)
         common = ["--input", str(work / "all.h5ad"), "--epochs", str(args.timing_epochs), "--threads", str(threads)]
         for bs in (256, 512):
