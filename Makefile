@@ -8,7 +8,7 @@ STAMP      := $(VENV)/.installed
 OUTDIR     ?= results
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast docker-build docker-test nextflow example-data clean help
+.PHONY: setup demo test test-fast docker-build docker-test nextflow example-data wheelhouse clean help
 
 help:
 	@echo "make demo   - set up, then run the pipeline on the bundled data (-profile test)"
@@ -58,6 +58,11 @@ docker-test: setup
 
 test-fast: setup
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Wheels of scinv and every pinned dependency, for machines without internet (GPU nodes):
+#   python3 -m venv .venv && .venv/bin/pip install --no-index --find-links wheels "scinv[baselines]"
+wheelhouse: setup
+	$(VPY) -m pip wheel -q -w wheels ".[test,baselines]"
 
 clean:
 	rm -rf work results .nextflow .nextflow.log* .pytest_cache .docker-test
