@@ -64,6 +64,10 @@ l = ad.read_h5ad(f"{out}/results-local/export/scinv_integrated.h5ad", backed="r"
 assert d.shape == l.shape, f"cells x genes differ: docker {d.shape}, local {l.shape}"
 md = pd.read_csv(f"{out}/results-docker/metrics/scinv_metrics.csv", index_col=0)
 ml = pd.read_csv(f"{out}/results-local/metrics/scinv_metrics.csv", index_col=0)
+assert set(md.index) == set(ml.index) and {"X_harmony", "X_scvi"} <= set(md.index), f"embeddings differ: {list(md.index)} vs {list(ml.index)}"
+td = pd.read_csv(f"{out}/results-docker/metrics/scinv_label_transfer.csv", index_col=0)
+tl = pd.read_csv(f"{out}/results-local/metrics/scinv_label_transfer.csv", index_col=0)
+assert ((td["accuracy"] - tl["accuracy"]).abs() <= 0.05).all(), "label transfer differs by more than 0.05"
 diff = (md - ml).abs()
 print(f"[docker-test] {d.n_obs} cells x {d.n_vars} genes in both runs")
 print(f"[docker-test] metric differences docker vs local (max per row):\n{diff.max(axis=1).to_string()}")
