@@ -10,6 +10,24 @@ import pandas as pd
 import scipy.sparse as sp
 
 
+def _profiles(rng, n_genes, n_batches, n_types, batch_strength=0.5, type_strength=None, marker_fraction=0.1):
+    """(type expression profiles (T, G), multiplicative batch effects (E, G))."""
+    if type_strength is None:
+        profiles = rng.gamma(0.3, 1.0, (n_types, n_genes))
+    else:
+        base = rng.gamma(0.3, 1.0, n_genes)
+        markers = rng.random((n_types, n_genes)) < marker_fraction
+        profiles = base * np.exp(np.where(markers, rng.normal(0.0, type_strength, (n_types, n_genes)), 0.0))
+    return profiles, np.exp(rng.normal(0.0, batch_strength, (n_batches, n_genes)))
+
+
+def _draw_counts(rng, types, batches, profiles, batch_fx, library_log_mean, dispersion) -> np.ndarray:
+    """NB counts (cells, G) float32 for cells of the given types and batches, log-normal library sizes."""
+    mu = profiles[types] * batch_fx[batches]
+    mu = mu / mu.sum(1, keepdims=True) * rng.lognormal(library_log_mean, 0.3, len(types))[:, None]
+    return rng.negative_binomial(dispersion, dispersion / (dispersion + mu)).astype(np.float32)
+
+
 def synthetic_counts(
     n_cells: int = 2000,
     n_genes: int = 500,
@@ -32,16 +50,8 @@ def synthetic_counts(
     rng = np.random.default_rng(seed)
     types = rng.integers(0, n_types, n_cells)
     batches = rng.integers(0, n_batches, n_cells)
-    if type_strength is None:
-        profiles = rng.gamma(0.3, 1.0, (n_types, n_genes))
-    else:
-        base = rng.gamma(0.3, 1.0, n_genes)
-        markers = rng.random((n_types, n_genes)) < marker_fraction
-        profiles = base * np.exp(np.where(markers, rng.normal(0.0, type_strength, (n_types, n_genes)), 0.0))
-    batch_fx = np.exp(rng.normal(0.0, batch_strength, (n_batches, n_genes)))
-    mu = profiles[types] * batch_fx[batches]
-    mu = mu / mu.sum(1, keepdims=True) * rng.lognormal(library_log_mean, 0.3, n_cells)[:, None]
-    counts = rng.negative_binomial(dispersion, dispersion / (dispersion + mu)).astype(np.float32)
+    profiles, batch_fx = _profiles(rng, n_genes, n_batches, n_types, batch_strength, type_strength, marker_fraction)
+    counts = _draw_counts(rng, types, batches, profiles, batch_fx, library_log_mean, dispersion)
     obs = pd.DataFrame(
         {"batch": pd.Categorical([f"b{i}" for i in batches]), "cell_type": pd.Categorical([f"t{i}" for i in types])},
         index=[f"cell{i}" for i in range(n_cells)],
@@ -71,21 +81,12 @@ def write_synthetic_h5ad(
     import h5py
     from anndata.io import write_elem
 
-    profile_rng = np.random.default_rng(seed)
-    type_strength = kwargs.pop("type_strength", None)
-    marker_fraction = kwargs.pop("marker_fraction", 0.1)
-    batch_strength = kwargs.pop("batch_strength", 0.5)
     dispersion = kwargs.pop("dispersion", 5.0)
     library_log_mean = kwargs.pop("library_log_mean", 7.0)
+    profile_args = {k: kwargs.pop(k) for k in ("batch_strength", "type_strength", "marker_fraction") if k in kwargs}
     if kwargs:
         raise TypeError(f"unknown arguments {sorted(kwargs)}")
-    if type_strength is None:
-        profiles = profile_rng.gamma(0.3, 1.0, (n_types, n_genes))
-    else:
-        base = profile_rng.gamma(0.3, 1.0, n_genes)
-        markers = profile_rng.random((n_types, n_genes)) < marker_fraction
-        profiles = base * np.exp(np.where(markers, profile_rng.normal(0.0, type_strength, (n_types, n_genes)), 0.0))
-    batch_fx = np.exp(profile_rng.normal(0.0, batch_strength, (n_batches, n_genes)))
+    profiles, batch_fx = _profiles(np.random.default_rng(seed), n_genes, n_batches, n_types, **profile_args)
 
     types_all, batches_all = [], []
     tmp = f"{path}.tmp"
@@ -101,9 +102,7 @@ def write_synthetic_h5ad(
             n = min(chunk_size, n_cells - start)
             rng = np.random.default_rng(seed + 1 + i)
             types, batches = rng.integers(0, n_types, n), rng.integers(0, n_batches, n)
-            mu = profiles[types] * batch_fx[batches]
-            mu = mu / mu.sum(1, keepdims=True) * rng.lognormal(library_log_mean, 0.3, n)[:, None]
-            block = sp.csr_matrix(rng.negative_binomial(dispersion, dispersion / (dispersion + mu)).astype(np.float32))
+            block = sp.csr_matrix(_draw_counts(rng, types, batches, profiles, batch_fx, library_log_mean, dispersion))
             old = data.shape[0]
             data.resize((old + block.nnz,))
             indices.resize((old + block.nnz,))
