@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from .errors import ScinvInputError
+from .preprocess import heldout_cells
 
 UNKNOWN_LABEL = "Unknown"
 COUNT_HISTOGRAM_BINS = 16
@@ -396,11 +397,7 @@ def hide_heldout_labels(obs: pd.DataFrame, batch_key: str, label_key: str, heldo
     for key in (batch_key, label_key):
         if key not in obs.columns:
             raise ScinvInputError(f"{where}: obs column '{key}' not found; fix --batch_key/--label_key")
-    batches = obs[batch_key].astype(str)
-    missing = sorted(set(heldout) - set(batches.unique()))
-    if missing:
-        raise ScinvInputError(f"{where}: held-out batches {missing} not in column '{batch_key}'; use values of that column in --heldout_batches")
-    hidden = batches.isin(heldout).to_numpy()
+    hidden = heldout_cells(obs, batch_key, heldout, where)
     if hidden.all():
         raise ScinvInputError(f"{where}: --heldout_batches names every batch; keep at least one labelled batch for training")
     labels = obs[label_key].astype(str).to_numpy(copy=True)

@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .preprocess import heldout_cells
 from .errors import ScinvInputError
 
 log = logging.getLogger("scinv")
@@ -136,12 +137,8 @@ def label_transfer_scores(true: np.ndarray, predicted: np.ndarray) -> dict:
 
 def heldout_mask(obs: pd.DataFrame, batch_key: str, label_key: str, heldout: list[str], unknown_label: str) -> tuple[np.ndarray, np.ndarray]:
     """(reference, query) boolean masks: labelled cells outside / inside the held-out batches."""
-    batches = obs[batch_key].astype(str)
-    missing = sorted(set(heldout) - set(batches.unique()))
-    if missing:
-        raise ScinvInputError(f"metrics: held-out batches {missing} not in column '{batch_key}'; fix --heldout_batches")
+    query = heldout_cells(obs, batch_key, heldout, "metrics")
     known = (obs[label_key].astype(str) != unknown_label).to_numpy()
-    query = batches.isin(heldout).to_numpy()
     return known & ~query, known & query
 
 

@@ -136,6 +136,15 @@ class QCThresholds:
     doublets: bool = True
 
 
+def heldout_cells(obs: pd.DataFrame, batch_key: str, heldout: list[str], where: str) -> np.ndarray:
+    """(n_cells,) bool: cells of the `heldout` batches; every name must be a value of `batch_key`."""
+    batches = obs[batch_key].astype(str)
+    missing = sorted(set(heldout) - set(batches.unique()))
+    if missing:
+        raise ScinvInputError(f"{where}: held-out batches {missing} not in column '{batch_key}'; use values of that column in --heldout_batches")
+    return batches.isin(heldout).to_numpy()
+
+
 def qc_metrics(adata: ad.AnnData, mito_pattern: str = MITO_PATTERN, ribo_pattern: str = RIBO_PATTERN) -> None:
     """Per-cell total counts, genes, % mitochondrial and % ribosomal counts into obs (on layers['counts'])."""
     import scanpy as sc

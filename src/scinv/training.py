@@ -49,7 +49,7 @@ class CheckpointStore:
         return self._fs().exists(self.path) if self.remote else Path(self.path).exists()
 
     def save(self, state: dict) -> str:
-        if not self.remote:
+        if not self.remote:  # a fixed temp name, not io.atomic_path's unique one: repeated kills mid-write leave one file, not many
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(self.path).with_name(f".{CHECKPOINT_NAME}.tmp")
             torch.save(state, tmp)
