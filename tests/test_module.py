@@ -101,29 +101,49 @@ def test_histogram_reconstruction_equals_exact_likelihood(small_adata):
     from scinv.data import DataRegistry, MinibatchLoader
 
     X = small_adata.X.tolil()
-    X[0, 0], X[1, 3] = 40.0, 17.0  # force tail entries
-    small_adata.X = X.tocsr()
+    X[0, 0], X[1, 3], X[2, 5] = 40.0, 17.0, 16.0  # tail entries and the last histogram bin
+    X = X.tocsr()
+    X.data[X.indptr[3]] = 0.0  # an explicitly stored zero (left by some writers) must not count
+    small_adata.X = X
     reg = DataRegistry.from_anndata(small_adata, batch_key="batch")
     batch = next(iter(MinibatchLoader(reg.encode(small_adata), batch_size=64, shuffle=False)))
     assert len(batch["tail_vals"]) >= 2
     m = InVAEModule(n_genes=small_adata.n_vars, n_labels=0, n_inv_covariates=0, n_spur_covariates=3)
     torch.nn.init.normal_(m.log_theta)
-    log_mu = torch.log_softmax(torch.randn(64, small_adata.n_vars), -1) + torch.log(batch["x"].sum(1, keepdim=True))
-    exact = -negative_binomial_log_prob(batch["x"], log_mu, m.log_theta).mean()
-    assert torch.allclose(m.reconstruction_loss(batch, log_mu), exact, rtol=1e-5)
-    g1 = torch.autograd.grad(m.reconstruction_loss(batch, log_mu), m.log_theta)[0]
-    g2 = torch.autograd.grad(exact, m.log_theta)[0]
-    assert torch.allclose(g1, g2, atol=1e-4)
+    logits = torch.randn(64, small_adata.n_vars, requires_grad=True)
+    log_lib = torch.log(batch["x"].sum(1, keepdim=True))
+    exact = -negative_binomial_log_prob(batch["x"], torch.log_softmax(logits, -1) + log_lib, m.log_theta).mean()
+    fast = m.reconstruction_loss(batch, logits, log_lib)
+    assert torch.allclose(fast, exact, rtol=1e-5)
+    for fast_grad, exact_grad in zip(torch.autograd.grad(fast, (logits, m.log_theta)), torch.autograd.grad(exact, (logits, m.log_theta))):
+        assert torch.allclose(fast_grad, exact_grad, atol=1e-4)
 
 
-def test_nb_dense_backward_is_exact():
-    from scinv.module import _nb_dense
+def test_nb_from_logits_backward_is_exact():
+    from scinv.module import nb_log_prob_dense
 
     torch.manual_seed(0)
     x = torch.poisson(torch.rand(4, 6, dtype=torch.float64) * 3)
-    log_mu = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    log_lib = torch.log(x.sum(1, keepdim=True) + 1.0)
     log_theta = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda m, t: _nb_dense(x, m, t), (log_mu, log_theta))
+    assert torch.autograd.gradcheck(lambda lg, t: nb_log_prob_dense(x, lg, log_lib, t), (logits, log_theta))
+
+
+def test_nb_from_bf16_logits_matches_fp32():
+    """The decoder's logits come in bf16 under mixed precision: the likelihood is computed in fp32
+    and the logits' gradient is returned in bf16."""
+    from scinv.module import nb_log_prob_dense
+
+    torch.manual_seed(0)
+    x = torch.poisson(torch.rand(8, 50) * 3)
+    log_lib, log_theta = torch.log(x.sum(1, keepdim=True) + 1.0), torch.randn(50)
+    logits = torch.randn(8, 50).bfloat16().requires_grad_(True)
+    out = nb_log_prob_dense(x, logits, log_lib, log_theta)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, nb_log_prob_dense(x, logits.float(), log_lib, log_theta), rtol=1e-6)
+    out.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
 
 
 def test_score_matching_on_a_factorised_gaussian_by_hand():
@@ -183,3 +203,18 @@ def test_nf_prior_module_trains_and_reports_score_matching(small_adata, tmp_path
     loaded = InVAE.load(tmp_path / "nf")
     assert isinstance(loaded.module.prior_inv, ExponentialFamilyPrior)
     assert np.allclose(loaded.get_latent_representation(small_adata, "inv"), z, atol=1e-5)
+
+
+def test_dropout_rate_scale_and_seed():
+    from scinv.module import Dropout
+
+    drop = Dropout(0.1)
+    torch.manual_seed(0)
+    out = drop(torch.ones(500, 400))
+    assert abs((out == 0).float().mean().item() - 0.1) < 0.005  # 200k draws: sd 0.0007
+    assert torch.allclose(out[out != 0], torch.tensor(1 / 0.9))  # inverted dropout keeps the mean
+    torch.manual_seed(0)
+    assert torch.equal(drop(torch.ones(500, 400)), out)  # reproducible with the seed
+    drop.eval()
+    h = torch.randn(7, 3)
+    assert torch.equal(drop(h), h)

@@ -323,7 +323,7 @@ class MinibatchLoader:
         """Dense counts and log1p counts, plus the count histogram the likelihood needs."""
         d = self.data
         n_rows, n_genes = block.shape
-        values, cols = block.data, block.indices.astype(np.int64)
+        values = block.data
         logged = sp.csr_matrix((np.log1p(values), block.indices, block.indptr), shape=block.shape)
         covariates = {
             "inv": torch.from_numpy(d.inv_covariates[rows]),
@@ -334,17 +334,18 @@ class MinibatchLoader:
         }
         if not self.likelihood_terms:
             return {"x_log": torch.from_numpy(logged.toarray()), **covariates}
-        # histogram of counts 1..K per gene; larger counts listed individually (see count_lgamma_sum)
+        # histogram of counts 1..K per gene; larger counts listed individually (see count_lgamma_sum).
+        # One bincount of gene * (K + 2) + min(count, K + 1); columns 0 (stored zeros) and K + 1 (tail) dropped.
         k = COUNT_HISTOGRAM_BINS
-        counts = np.rint(values).astype(np.int64)
-        small = (counts >= 1) & (counts <= k)
-        hist = np.bincount(cols[small] * k + counts[small] - 1, minlength=n_genes * k).reshape(n_genes, k)
-        tail = counts > k
+        counts = (values + 0.5).astype(np.int32)  # non-negative: rounds
+        np.minimum(counts, k + 1, out=counts)
+        hist = np.bincount(block.indices * (k + 2) + counts, minlength=n_genes * (k + 2)).reshape(n_genes, k + 2)[:, 1 : k + 1]
+        tail = values > k + 0.5
         return {
             "x": torch.from_numpy(block.toarray()),
             "x_log": torch.from_numpy(logged.toarray()),
             "count_hist": torch.from_numpy(hist.astype(np.float32)),
-            "tail_cols": torch.from_numpy(cols[tail]),
+            "tail_cols": torch.from_numpy(block.indices[tail].astype(np.int64)),
             "tail_vals": torch.from_numpy(values[tail].astype(np.float32)),
             "log_x_factorial": torch.from_numpy(log_fact),
             **covariates,
