@@ -155,7 +155,8 @@ def main() -> None:
     p.add_argument("--cells", type=int, default=10_000)
     p.add_argument("--genes", type=int, default=2_000)
     p.add_argument("--epochs", type=int, default=100, help="training epochs for the quality runs")
-    p.add_argument("--timing-epochs", type=int, default=5)
+    p.add_argument("--timing-epochs", type=int, default=10)
+    p.add_argument("--speed-rounds", type=int, default=3, help="interleaved repetitions of every speed run (medians reported)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the quality runs")
     p.add_argument("--speed-threads", default="1,2", help="comma list of thread counts for the speed runs")
     p.add_argument("--no-scvi", action="store_true", help="skip the scVI speed runs")
@@ -212,18 +213,35 @@ def main() -> None:
 
     scvi_cmd = None if args.no_scvi else [sys.executable, str(Path(__file__).resolve()), "--run-scvi"]
     for threads in [] if args.skip_speed else [int(s) for s in args.speed_threads.split(",")]:
-        print(f"speed: {adata.n_obs} cells x {adata.n_vars} genes, {args.timing_epochs} epochs, {threads} thread(s)", flush=True)
+        print(f"speed: {adata.n_obs} cells x {adata.n_vars} genes, {args.timing_epochs} epochs, {threads} thread(s), "
+              f"{args.speed_rounds} interleaved round(s)", flush=True)
         common = ["--input", str(work / "all.h5ad"), "--epochs", str(args.timing_epochs), "--threads", str(threads)]
-        for bs in (256, 512):
-            r = child(me + common + ["--out", str(work / f"t_scinv_{bs}_{threads}"), "--timing", "--batch-size", str(bs)], work / f"t_scinv_{bs}_{threads}.log")
-            rows.append({"run": f"speed scinv (batch {bs}, {threads} thr)", **r})
+        configs = [(f"speed scinv (batch {bs}, {threads} thr)", me + common + ["--timing", "--batch-size", str(bs)]) for bs in (256, 512)]
         if invae:
-            r = child(invae + common + ["--out", str(work / f"t_invae_{threads}")], work / f"t_invae_{threads}.log")
-            rows.append({"run": f"speed invae 0.1.0 (batch 256, {threads} thr)", **r})
+            configs.append((f"speed invae 0.1.0 (batch 256, {threads} thr)", invae + common))
         if scvi_cmd:
-            r = child(scvi_cmd + common + ["--out", str(work / f"t_scvi_{threads}"), "--batch-size", "256"], work / f"t_scvi_{threads}.log")
-            rows.append({"run": f"speed scVI (batch 256, {threads} thr)", **r})
-        print(pd.DataFrame(rows).set_index("run")[["seconds_per_epoch", "cells_per_second", "params", "peak_rss_gb"]].round(3), flush=True)
+            configs.append((f"speed scVI (batch 256, {threads} thr)", scvi_cmd + common + ["--batch-size", "256"]))
+        # tools alternate within each round, so that drift in machine speed hits all of them alike
+        runs = {name: [] for name, _ in configs}
+        for rnd in range(args.speed_rounds):
+            for name, cmd in configs:
+                tag = re.sub(r"[^a-z0-9]+", "_", name.lower()) + f"r{rnd}"
+                runs[name].append(child(cmd + ["--out", str(work / tag)], work / f"{tag}.log"))
+        for name, results in runs.items():
+            per_epoch = [r["seconds_per_epoch"] for r in results]
+            row = {"run": name, **results[int(np.argsort(per_epoch)[len(per_epoch) // 2])]}
+            row.update(seconds_per_epoch=float(np.median(per_epoch)), seconds_per_epoch_min=min(per_epoch), rounds=len(per_epoch))
+            row["cells_per_second"] = row["cells"] / row["seconds_per_epoch"]
+            rows.append(row)
+        scinv_runs = runs[configs[0][0]]
+        for name, results in list(runs.items())[2:]:
+            ratios = [r["seconds_per_epoch"] / s["seconds_per_epoch"] for r, s in zip(results, scinv_runs)]
+            print(f"scinv (batch 256) is {np.median(ratios):.2f}x faster per epoch than {name.split(' (')[0][6:]} "
+                  f"(median of {len(ratios)} paired rounds: {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
+            rows.append({"run": f"speedup vs {name[6:]}", "speedup_median": float(np.median(ratios)),
+                         "speedup_min": min(ratios), "speedup_max": max(ratios), "rounds": len(ratios)})
+        print(pd.DataFrame(rows).set_index("run")[["seconds_per_epoch", "seconds_per_epoch_min", "cells_per_second", "params",
+                                                   "peak_rss_gb"]].dropna(how="all").round(3), flush=True)
 
     if not args.skip_quality:
         sc.pp.normalize_total(adata, target_sum=1e4)

@@ -454,7 +454,6 @@ class InVAEModule(nn.Module):
         x_log = batch["x_log"] if "x_log" in batch else torch.log1p(x)
         qm, qv = self.encoder(x_log, self._encoder_covariates(batch["spur"]))
         z = qm + qv.sqrt() * torch.randn_like(qm) if self.training else qm
-        qm, qv, z = qm.float(), qv.float(), z.float()
         log_lib = torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
         recon = self.reconstruction_loss(batch, self.decoder(z), log_lib)
         score_matching = torch.zeros((), device=x.device)
@@ -464,23 +463,25 @@ class InVAEModule(nn.Module):
         else:
             kl_inv = self.kl_invariant(z, qm, qv, batch["label"], batch["inv"])
         kl_spur = self.kl_spurious(z, qm, qv, batch["spur"])
-        loss = recon + kl_weight * (kl_inv.mean() + kl_spur.mean()) + score_matching
+        kl_inv, kl_spur = kl_inv.mean(), kl_spur.mean()
+        loss = recon + kl_weight * (kl_inv + kl_spur) + score_matching
         classification = torch.zeros((), device=x.device)
-        labelled = batch["label"] >= 0
-        if self.classifier is not None and bool(labelled.any()):
-            logits = self.classifier(qm[labelled, : self.n_latent_inv])
-            classification = F.cross_entropy(logits, batch["label"][labelled])
+        if self.classifier is not None:  # unlabelled cells (-1) are ignored; a batch without labels adds 0
+            label = batch["label"]
+            n_labelled = (label >= 0).sum().clamp_min(1)
+            logits = self.classifier(qm[:, : self.n_latent_inv])
+            classification = F.cross_entropy(logits, label, ignore_index=-1, reduction="sum") / n_labelled
             loss = loss + self.classifier_weight * classification
         tc = torch.zeros_like(kl_inv)
         if self.tc_weight > 0 and self.n_latent_spur > 0 and self.n_latent_inv > 0:
-            tc = self.total_correlation(z, qm, qv, dataset_size)
-            loss = loss + self.tc_weight * tc.mean()
+            tc = self.total_correlation(z, qm, qv, dataset_size).mean()
+            loss = loss + self.tc_weight * tc
         return {
             "loss": loss,
             "reconstruction": recon,
-            "kl_inv": kl_inv.mean(),
-            "kl_spur": kl_spur.mean(),
-            "tc": tc.mean(),
+            "kl_inv": kl_inv,
+            "kl_spur": kl_spur,
+            "tc": tc,
             "classification": classification,
             "score_matching": score_matching,
         }

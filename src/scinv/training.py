@@ -132,16 +132,20 @@ class _RunningMeans:
     once per epoch rather than once per loss term and batch."""
 
     def __init__(self):
-        self.totals: dict[str, torch.Tensor] = {}
+        self.keys: list[str] = []
+        self.totals: torch.Tensor | float = 0.0
         self.n = 0
 
     def add(self, out: dict[str, torch.Tensor], n_cells: int) -> None:
-        for k, v in out.items():
-            self.totals[k] = self.totals.get(k, 0.0) + v.detach().float() * n_cells
+        self.keys = list(out)
+        self.totals = self.totals + torch.stack([v.detach().float() for v in out.values()]) * n_cells
         self.n += n_cells
 
     def result(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}{k}": float(v) / max(self.n, 1) for k, v in self.totals.items()}
+        if not self.keys:
+            return {}
+        values = (self.totals / max(self.n, 1)).tolist()
+        return {f"{prefix}{k}": v for k, v in zip(self.keys, values)}
 
 
 class Trainer:
