@@ -1,5 +1,5 @@
 """Training loop: minibatches from sparse rows, KL warm-up, validation, early stopping, LR schedule,
-progress with ETA, mixed precision on GPU, and resumable checkpoints (weights_only-loadable)."""
+progress with ETA, bf16 mixed precision (GPU, and CPUs with native bf16), and resumable checkpoints (weights_only-loadable)."""
 
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ class Trainer:
         w = self.config.kl_warmup_epochs
         return 1.0 if w <= 0 else min(1.0, (epoch + 1) / w)
 
-    def _autocast(self):
+    def _mixed_precision(self):
         return self.module.wide_layers_in(self.amp_dtype)
 
     def _run_epoch(self, epoch: int) -> dict:
@@ -226,7 +226,7 @@ class Trainer:
         means = _RunningMeans()
         kl_w = self.kl_weight(epoch)
         for batch in self.loader:
-            with self._autocast():
+            with self._mixed_precision():
                 out = self.module(batch, kl_weight=kl_w, dataset_size=len(self.train_idx))
             self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -241,7 +241,7 @@ class Trainer:
         self.module.eval()
         means = _RunningMeans()
         for batch in self.val_loader:
-            with self._autocast():
+            with self._mixed_precision():
                 out = self.module(batch, kl_weight=1.0, dataset_size=len(self.val_idx))
             means.add(out, batch["x"].shape[0])
         return means.result("validation_")
