@@ -25,10 +25,11 @@ from scinv.report import build_report
 @click.option("--params", "params_path", default=None, type=click.Path(), help="JSON of pipeline parameters.")
 @click.option("--batch-key", default="batch", help="Batch column.")
 @click.option("--label-key", default="", help="Label column.")
+@click.option("--unknown-label", default="Unknown", help="Label value that marks unlabelled cells (left out of the confusion matrix).")
 @click.option("--color-keys", default="condition", help="Comma list of further obs columns to colour UMAPs by.")
 @click.option("--title", default="scinv integration report", help="Report title.")
 @step
-def main(input_path, output, qc_cells, qc_summary, metrics_path, transfer_path, heldout_batches, model_dir, versions_path, params_path, batch_key, label_key, color_keys, title):
+def main(input_path, output, qc_cells, qc_summary, metrics_path, transfer_path, heldout_batches, model_dir, versions_path, params_path, batch_key, label_key, unknown_label, color_keys, title):
     """Build the HTML report."""
     adata = ad.read_h5ad(input_path)
     exists = lambda p: p and Path(p).exists()  # noqa: E731
@@ -40,7 +41,7 @@ def main(input_path, output, qc_cells, qc_summary, metrics_path, transfer_path, 
     versions = Path(versions_path).read_text() if exists(versions_path) else ""
     params = json.loads(Path(params_path).read_text()) if exists(params_path) else None
     html = build_report(adata, qc_obs, summary, metrics, history, batch_key, label_key or None, key_list(color_keys), versions, params, title,
-                        label_transfer=transfer, heldout_batches=key_list(heldout_batches))
+                        label_transfer=transfer, heldout_batches=key_list(heldout_batches), unknown_label=unknown_label)
     write_text(html, output)
     click.echo(f"REPORT: wrote {output}", err=True)
 

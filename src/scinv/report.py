@@ -138,10 +138,10 @@ def confusion_figure(true: pd.Series, pred: pd.Series) -> str:
     return fig_to_img(fig, "confusion matrix")
 
 
-def _prediction_section(adata, label_key: str, batch_key: str, transfer: pd.DataFrame | None, heldout: list[str]) -> str:
+def _prediction_section(adata, label_key: str, batch_key: str, transfer: pd.DataFrame | None, heldout: list[str], unknown_label: str) -> str:
     """Confusion matrix of the invariant predictor: on the held-out batches when there are any."""
     obs = adata.obs
-    cells = obs[label_key].astype(str) != "Unknown"
+    cells = obs[label_key].notna() & (obs[label_key].astype(str) != unknown_label)
     if heldout and batch_key in obs:
         cells &= obs[batch_key].astype(str).isin(heldout)
         scope = f"the held-out batches ({html.escape(', '.join(heldout))}), whose labels training never saw"
@@ -172,8 +172,9 @@ def build_report(
     title: str = "scinv integration report",
     label_transfer: pd.DataFrame | None = None,
     heldout_batches: list[str] | None = None,
+    unknown_label: str = "Unknown",
 ) -> str:
-    """Return the full HTML text."""
+    """Return the full HTML text. Cells labelled `unknown_label` count as unlabelled."""
     sections: list[tuple[str, str]] = []
     colour_keys = [k for k in [batch_key, label_key, *extra_keys] if k]
     overview = pd.DataFrame({
@@ -204,7 +205,7 @@ def build_report(
         note = f"<p class='note'>scib-metrics on {metrics.attrs.get('n_cells', 'all')} cells with known labels; raw scores. 'Total' = 0.4 batch + 0.6 bio over all metrics run; 'Total (published)' uses the inVAE paper's aggregation (batch = mean of BRAS and graph connectivity).</p>"
         sections.append(("Integration metrics (scIB)", scib_figure(metrics) + table_html(metrics) + note))
     if label_key and "scinv_prediction" in adata.obs and label_key in adata.obs:
-        sections.append(("Label prediction", _prediction_section(adata, label_key, batch_key, label_transfer, heldout_batches or [])))
+        sections.append(("Label prediction", _prediction_section(adata, label_key, batch_key, label_transfer, heldout_batches or [], unknown_label)))
     if versions:
         sections.append(("Software versions", f"<pre>{html.escape(versions)}</pre>"))
     if params:

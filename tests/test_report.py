@@ -1,0 +1,19 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from scinv.report import build_report
+
+
+def test_report_scores_predictions_on_labelled_cells_only():
+    """Cells carrying the pipeline's --unknown_label (any value, not just 'Unknown') are unlabelled."""
+    obs = pd.DataFrame({
+        "batch": ["a", "a", "b", "b", "b"],
+        "cell_type": ["T", "B", "n/a", "n/a", "T"],
+        "scinv_prediction": ["T", "T", "B", "T", "T"],
+    }, index=[f"c{i}" for i in range(5)])
+    adata = ad.AnnData(np.zeros((5, 2), np.float32), obs=obs)
+    html = build_report(adata, None, None, None, [], "batch", "cell_type", [], unknown_label="n/a")
+    assert "accuracy 0.667 on 3 cells" in html
+    held = build_report(adata, None, None, None, [], "batch", "cell_type", [], heldout_batches=["b"], unknown_label="n/a")
+    assert "accuracy 1.000 on 1 cells" in held
