@@ -30,7 +30,7 @@ from . import __version__
 from .data import UNKNOWN_LABEL, DataRegistry, EncodedData, MinibatchLoader, split_train_validation
 from .errors import ScinvInputError
 from .module import InVAEModule, InvariantClassifier, invariant_risk
-from .training import Trainer, TrainingConfig, progress, resolve_device, seed_everything
+from .training import Trainer, TrainingConfig, keep_freed_memory_for_reuse, progress, resolve_device, seed_everything
 
 MODEL_FORMAT = 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -296,6 +296,7 @@ class InVAE:
     def _posterior(self, data: EncodedData, batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior means and variances (n_cells, D) on the CPU, encoded in minibatches."""
         self.module.eval().to(self.device)
+        keep_freed_memory_for_reuse()
         n_latent = self.hparams["n_latent_inv"] + self.hparams["n_latent_spur"]
         means, variances = torch.empty(data.n_cells, n_latent), torch.empty(data.n_cells, n_latent)  # filled in place: flat memory
         start = 0
