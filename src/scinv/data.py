@@ -319,7 +319,7 @@ class MinibatchLoader:
             chunks = [chunks[i] for i in self.rng.permutation(len(chunks))]
         yield from chunks
 
-    def _tensors(self, block: sp.csr_matrix, rows: np.ndarray, log_fact: np.ndarray) -> dict[str, torch.Tensor]:
+    def _tensors(self, block: sp.csr_matrix, rows: np.ndarray, log_fact: np.ndarray | None) -> dict[str, torch.Tensor]:
         """Dense counts and log1p counts, plus the count histogram the likelihood needs."""
         d = self.data
         n_rows, n_genes = block.shape
@@ -357,17 +357,17 @@ class MinibatchLoader:
         for chunk in self._order():
             if self.backed:
                 source = sp.csr_matrix(d.X[chunk[0] : chunk[-1] + 1][chunk - chunk[0]], dtype=np.float32)
-                source_log_fact = log_factorial_rows(source) if self.likelihood_terms else np.zeros(len(chunk), np.float32)
+                source_log_fact = log_factorial_rows(source) if self.likelihood_terms else None
                 pos = self.rng.permutation(len(chunk)) if self.shuffle else np.arange(len(chunk))
             else:
                 source, pos = d.X, chunk
-                source_log_fact = d.log_x_factorial if self.likelihood_terms else np.zeros(d.n_cells, np.float32)
+                source_log_fact = d.log_x_factorial if self.likelihood_terms else None
             for start in range(0, len(pos), self.batch_size):
                 sel = pos[start : start + self.batch_size]
                 if self.drop_last and len(sel) < self.batch_size:
                     break
                 rows = chunk[sel] if self.backed else sel
-                batch = self._tensors(source[sel], rows, source_log_fact[sel])
+                batch = self._tensors(source[sel], rows, None if source_log_fact is None else source_log_fact[sel])
                 if self.device.type != "cpu":
                     batch = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()}
                 yield batch

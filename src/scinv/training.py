@@ -239,22 +239,19 @@ class Trainer:
         w = self.config.kl_warmup_epochs
         return 1.0 if w <= 0 else min(1.0, (epoch + 1) / w)
 
-    def _mixed_precision(self):
-        return self.module.wide_layers_in(self.amp_dtype)
-
     def _run_epoch(self, epoch: int) -> dict:
         self.module.train()
         for sub in self.frozen:
             sub.eval()
         means = _RunningMeans()
         kl_w = self.kl_weight(epoch)
-        for batch in self.loader:
-            with self._mixed_precision():
+        with self.module.wide_layers_in(self.amp_dtype):
+            for batch in self.loader:
                 out = self.module(batch, kl_weight=kl_w, dataset_size=len(self.train_idx))
-            self.optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            self.optimizer.step()
-            means.add(out, batch["x"].shape[0])
+                self.optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                self.optimizer.step()
+                means.add(out, batch["x"].shape[0])
         return means.result("train_")
 
     @torch.no_grad()
@@ -263,10 +260,10 @@ class Trainer:
             return {}
         self.module.eval()
         means = _RunningMeans()
-        for batch in self.val_loader:
-            with self._mixed_precision():
+        with self.module.wide_layers_in(self.amp_dtype):
+            for batch in self.val_loader:
                 out = self.module(batch, kl_weight=1.0, dataset_size=len(self.val_idx))
-            means.add(out, batch["x"].shape[0])
+                means.add(out, batch["x"].shape[0])
         return means.result("validation_")
 
     def fit(self, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True) -> list[dict]:
