@@ -111,11 +111,11 @@ class EncodedData:
         return self.X.shape[0]
 
     @property
-    def log_x_factorial(self) -> np.ndarray:
-        """(n_cells,) sum_g lgamma(x + 1), computed once for in-memory data."""
-        if getattr(self, "_log_x_factorial", None) is None:
-            self._log_x_factorial = log_factorial_rows(self.X)
-        return self._log_x_factorial
+    def row_terms(self) -> np.ndarray:
+        """(n_cells, 2) sum_g lgamma(x + 1) and log library size, computed once for in-memory data."""
+        if getattr(self, "_row_terms", None) is None:
+            self._row_terms = count_row_terms(self.X)
+        return self._row_terms
 
 
 @dataclass
@@ -319,7 +319,7 @@ class MinibatchLoader:
             chunks = [chunks[i] for i in self.rng.permutation(len(chunks))]
         yield from chunks
 
-    def _tensors(self, block: sp.csr_matrix, rows: np.ndarray, log_fact: np.ndarray | None) -> dict[str, torch.Tensor]:
+    def _tensors(self, block: sp.csr_matrix, rows: np.ndarray, row_terms: np.ndarray | None) -> dict[str, torch.Tensor]:
         """Dense counts and log1p counts, plus the count histogram the likelihood needs."""
         d = self.data
         n_rows, n_genes = block.shape
@@ -347,7 +347,8 @@ class MinibatchLoader:
             "count_hist": torch.from_numpy(hist.astype(np.float32)),
             "tail_cols": torch.from_numpy(block.indices[tail].astype(np.int64)),
             "tail_vals": torch.from_numpy(values[tail].astype(np.float32)),
-            "log_x_factorial": torch.from_numpy(log_fact),
+            "log_x_factorial": torch.from_numpy(np.ascontiguousarray(row_terms[:, 0])),
+            "log_lib": torch.from_numpy(np.ascontiguousarray(row_terms[:, 1:])),  # (B, 1)
             **covariates,
         }
 
@@ -357,28 +358,31 @@ class MinibatchLoader:
         for chunk in self._order():
             if self.backed:
                 source = sp.csr_matrix(d.X[chunk[0] : chunk[-1] + 1][chunk - chunk[0]], dtype=np.float32)
-                source_log_fact = log_factorial_rows(source) if self.likelihood_terms else None
+                source_row_terms = count_row_terms(source) if self.likelihood_terms else None
                 pos = self.rng.permutation(len(chunk)) if self.shuffle else np.arange(len(chunk))
             else:
                 source, pos = d.X, chunk
-                source_log_fact = d.log_x_factorial if self.likelihood_terms else None
+                source_row_terms = d.row_terms if self.likelihood_terms else None
             for start in range(0, len(pos), self.batch_size):
                 sel = pos[start : start + self.batch_size]
                 if self.drop_last and len(sel) < self.batch_size:
                     break
                 rows = chunk[sel] if self.backed else sel
-                batch = self._tensors(source[sel], rows, None if source_log_fact is None else source_log_fact[sel])
+                batch = self._tensors(source[sel], rows, None if source_row_terms is None else source_row_terms[sel])
                 if self.device.type != "cpu":
                     batch = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()}
                 yield batch
 
 
-def log_factorial_rows(X: sp.csr_matrix) -> np.ndarray:
-    """Per row sum of lgamma(x + 1) (float32): the count-only constant of the NB likelihood."""
+def count_row_terms(X: sp.csr_matrix) -> np.ndarray:
+    """(n_rows, 2) float32: per row sum of lgamma(x + 1), the count-only constant of the NB
+    likelihood, and the log library size log(max(sum x, 1))."""
     from scipy.special import gammaln
 
     rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
-    return np.bincount(rows, weights=gammaln(X.data.astype(np.float64) + 1.0), minlength=X.shape[0]).astype(np.float32)
+    log_fact = np.bincount(rows, weights=gammaln(X.data.astype(np.float64) + 1.0), minlength=X.shape[0])
+    library = np.bincount(rows, weights=X.data, minlength=X.shape[0])
+    return np.stack([log_fact, np.log(np.maximum(library, 1.0))], axis=1).astype(np.float32)
 
 
 def split_train_validation(n_cells: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ from torch import nn
 PRIOR_MODES = ("mean", "variance", "both")
 PRIOR_FAMILIES = ("gaussian", "nf")  # nf: NFinVAE's exponential-family prior for z_inv
 _LOG_2PI = math.log(2 * math.pi)
+_LOG2_E = 1.0 / math.log(2.0)
 
 
 class WideLinear(nn.Linear):
@@ -94,15 +95,23 @@ class GaussianEncoder(nn.Module):
         super().__init__()
         self.body = mlp(n_genes, n_hidden, n_layers, dropout, batch_norm, wide_input=True)
         self.covariates = nn.Linear(n_covariates, n_hidden, bias=False) if n_covariates > 0 else None
-        self.mean = nn.Linear(n_hidden, n_latent)
-        self.log_var = nn.Linear(n_hidden, n_latent)
+        self.n_latent = n_latent
+        self.heads = nn.Linear(n_hidden, 2 * n_latent)  # [mean | log variance]: one matmul, not two
 
     def forward(self, x_log: torch.Tensor, e: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body[0](x_log).float()
         if self.covariates is not None and e is not None:
             h = h + self.covariates(e)
-        h = self.body[1:](h)
-        return self.mean(h), torch.exp(self.log_var(h).clamp(-12.0, 8.0)) + 1e-6
+        mean, log_var = self.heads(self.body[1:](h)).split(self.n_latent, dim=-1)
+        return mean, torch.exp(log_var.clamp(-12.0, 8.0)) + 1e-6
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before the heads were fused had separate `mean` and `log_var` layers
+        for kind in ("weight", "bias"):
+            old = [f"{prefix}mean.{kind}", f"{prefix}log_var.{kind}"]
+            if all(k in state_dict for k in old):
+                state_dict[f"{prefix}heads.{kind}"] = torch.cat([state_dict.pop(k) for k in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class CountDecoder(nn.Module):
@@ -130,6 +139,7 @@ class ConditionalPrior(nn.Module):
         if mode not in PRIOR_MODES:
             raise ValueError(f"prior mode must be one of {PRIOR_MODES}, got {mode!r}")
         self.mode, self.n_latent, self.n_covariates = mode, n_latent, n_covariates
+        self.unit_variance = mode == "mean" or n_covariates == 0 or n_latent == 0
         self.net = None
         if n_covariates > 0 and n_latent > 0:
             n_out = 2 * n_latent if mode == "both" else n_latent
@@ -207,8 +217,10 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) ->
     return -0.5 * (_LOG_2PI + torch.log(var) + (z - mean) ** 2 / var).sum(-1)
 
 
-def gaussian_kl(qm: torch.Tensor, qv: torch.Tensor, pm: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
-    """KL(N(qm, qv) || N(pm, pv)) summed over the last dimension."""
+def gaussian_kl(qm: torch.Tensor, qv: torch.Tensor, pm: torch.Tensor, pv: torch.Tensor | None) -> torch.Tensor:
+    """KL(N(qm, qv) || N(pm, pv)) summed over the last dimension; pv None is unit variance (fewer ops)."""
+    if pv is None:
+        return 0.5 * (qv - torch.log(qv) + (qm - pm).square() - 1.0).sum(-1)
     return 0.5 * (torch.log(pv / qv) + (qv + (qm - pm) ** 2) / pv - 1.0).sum(-1)
 
 
@@ -230,7 +242,9 @@ class _NBFromLogits(torch.autograd.Function):
         theta = log_theta.exp()
         dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
         d = F.log_softmax(logits, dim=-1, dtype=dtype).add_(log_lib).sub_(log_theta)  # log mu - log theta
-        e = torch.exp(d)  # mu / theta; finite because log theta is clamped in the module
+        # mu / theta, finite because log theta is clamped in the module; on CPU torch's exp2 is 2.5x
+        # faster than its exp (relative error 1e-6 here, against 6e-8)
+        e = torch.mul(d, _LOG2_E).exp2_()
         sp = torch.log1p(e)  # softplus(d)
         out = torch.linalg.vecdot(x, d.sub_(sp)) - sp @ theta  # d is now log(mu / (mu + theta))
         ctx.save_for_backward(x, e, sp, theta, log_lib)
@@ -241,11 +255,12 @@ class _NBFromLogits(torch.autograd.Function):
     def backward(ctx, grad):
         x, e, sp, theta, log_lib = ctx.saved_tensors
         grad = grad.to(e.dtype)
-        grad_d = (e + 1.0).reciprocal_().mul_(x + theta).sub_(theta).mul_(grad[:, None])  # x - (x + theta) sigmoid(d)
+        mu = e * theta
+        # x - (x + theta) sigmoid(d) = (x - theta e) / (1 + e): four passes over (B, G) instead of six
+        grad_d = torch.sub(x, mu).div_(e + 1.0).mul_(grad[:, None])
         grad_log_theta = -grad_d.sum(0) - theta * (grad @ sp)
-        # softmax = mu / lib = e theta / lib
-        softmax_scale = (grad_d.sum(-1, keepdim=True) / log_lib.exp()) * theta
-        grad_logits = grad_d.sub_(softmax_scale.mul_(e))
+        # minus softmax * row sum, with softmax = mu / lib, in one pass
+        grad_logits = grad_d.addcmul_(mu, grad_d.sum(-1, keepdim=True) / log_lib.exp(), value=-1.0)
         return None, grad_logits.to(ctx.logits_dtype), None, grad_log_theta
 
 
@@ -272,16 +287,20 @@ def count_lgamma_sum(log_theta: torch.Tensor, hist: torch.Tensor, tail_cols: tor
     """sum over non-zero entries of lgamma(x + theta_g) - lgamma(theta_g), from a count histogram.
 
     hist (G, K): how many entries of gene g equal k + 1 (k < K); entries above K come as
-    (tail_cols, tail_vals). This costs G x K lgamma evaluations instead of one per non-zero entry
-    (counts are small: above 16 is ~0.5 % of entries), which is the costliest part of the NB
-    likelihood on CPU.
+    (tail_cols, tail_vals). Counts are small (above 16 is ~0.5 % of entries), so this costs G x K
+    terms instead of one lgamma pair per non-zero entry. For integer x, lgamma(x + theta) -
+    lgamma(theta) = sum_{j < x} log(theta + j), so the total is sum_{g, j} at_least[g, j] log(theta_g + j):
+    G x K logs, whose gradient is reciprocals rather than digammas, and which does not cancel two large lgammas in fp32
+    (lgamma(1e5) ~ 1e6, where the fp32 spacing is 0.06).
     """
     theta = log_theta.exp()
-    k = torch.arange(1, hist.shape[1] + 1, device=theta.device, dtype=theta.dtype)
-    lgamma_theta = torch.lgamma(theta)
-    table = torch.lgamma(theta[:, None] + k) - lgamma_theta[:, None]
-    tail = torch.lgamma(tail_vals + theta[tail_cols]) - lgamma_theta[tail_cols]
-    return (hist * table).sum() + tail.sum()
+    n_bins = hist.shape[1]
+    j = torch.arange(n_bins, device=theta.device, dtype=theta.dtype)
+    # at_least[g, j] = entries of gene g with j < count <= K; a matmul with a triangle is ~4x faster than flip-cumsum-flip on CPU
+    at_least = hist @ torch.ones(n_bins, n_bins, device=hist.device, dtype=hist.dtype).tril()
+    tail_theta = theta[tail_cols]
+    tail = torch.lgamma(tail_vals + tail_theta) - torch.lgamma(tail_theta)
+    return torch.linalg.vecdot(at_least.flatten(), torch.log(theta[:, None] + j).flatten()) + tail.sum()
 
 
 class InVAEModule(nn.Module):
@@ -398,7 +417,7 @@ class InVAEModule(nn.Module):
         z, qm, qv = (t[..., : self.n_latent_inv] for t in (z, qm, qv))
         pm, pv = self.prior_inv(self._inv_prior_input(label, inv))
         if self.kl_estimator == "analytic":
-            kl = gaussian_kl(qm, qv, pm, pv)
+            kl = gaussian_kl(qm, qv, pm, None if self.prior_inv.unit_variance else pv)
         else:
             kl = gaussian_log_prob(z, qm, qv) - gaussian_log_prob(z, pm, pv)
         unknown = label < 0
@@ -417,7 +436,7 @@ class InVAEModule(nn.Module):
         z, qm, qv = (t[..., self.n_latent_inv :] for t in (z, qm, qv))
         pm, pv = self.prior_spur(spur)
         if self.kl_estimator == "analytic":
-            return gaussian_kl(qm, qv, pm, pv)
+            return gaussian_kl(qm, qv, pm, None if self.prior_spur.unit_variance else pv)
         return gaussian_log_prob(z, qm, qv) - gaussian_log_prob(z, pm, pv)
 
     def total_correlation(self, z, qm, qv, dataset_size: int) -> torch.Tensor:
@@ -454,7 +473,7 @@ class InVAEModule(nn.Module):
         x_log = batch["x_log"] if "x_log" in batch else torch.log1p(x)
         qm, qv = self.encoder(x_log, self._encoder_covariates(batch["spur"]))
         z = qm + qv.sqrt() * torch.randn_like(qm) if self.training else qm
-        log_lib = torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
+        log_lib = batch["log_lib"] if "log_lib" in batch else torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
         recon = self.reconstruction_loss(batch, self.decoder(z), log_lib)
         score_matching = torch.zeros((), device=x.device)
         if self.prior_family == "nf":
