@@ -221,6 +221,9 @@ def test_dropout_rate_scale_and_seed():
     assert torch.allclose(out[out != 0], torch.tensor(1 / 0.9))  # inverted dropout keeps the mean
     torch.manual_seed(0)
     assert torch.equal(drop(torch.ones(500, 400)), out)  # reproducible with the seed
+    every_draw = torch.arange(-(2**15), 2**15).to(torch.int16)
+    assert torch.equal(drop.mask(every_draw), (every_draw >= drop.threshold).float() / 0.9)
+    assert drop(torch.ones(3, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
     drop.eval()
     h = torch.randn(7, 3)
     assert torch.equal(drop(h), h)

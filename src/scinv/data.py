@@ -335,16 +335,17 @@ class MinibatchLoader:
         if not self.likelihood_terms:
             return {"x_log": torch.from_numpy(logged.toarray()), **covariates}
         # histogram of counts 1..K per gene; larger counts listed individually (see count_lgamma_sum).
-        # One bincount of gene * (K + 2) + min(count, K + 1); columns 0 (stored zeros) and K + 1 (tail) dropped.
+        # One bincount of gene * (K + 2) + min(count, K + 1); columns 0 (stored zeros) and K + 1 (tail)
+        # dropped. In torch: its int32 bincount is ~2x faster than numpy's.
         k = COUNT_HISTOGRAM_BINS
-        counts = (values + 0.5).astype(np.int32)  # non-negative: rounds
-        np.minimum(counts, k + 1, out=counts)
-        hist = np.bincount(block.indices * (k + 2) + counts, minlength=n_genes * (k + 2)).reshape(n_genes, k + 2)[:, 1 : k + 1]
+        counts = torch.from_numpy(values).add(0.5).to(torch.int32).clamp_(max=k + 1)  # non-negative: rounds
+        codes = torch.from_numpy(block.indices).to(torch.int32).mul(k + 2).add_(counts)  # mul, not mul_: .to may share the array
+        hist = torch.bincount(codes, minlength=n_genes * (k + 2)).view(n_genes, k + 2)[:, 1 : k + 1].to(torch.float32)
         tail = values > k + 0.5
         return {
             "x": torch.from_numpy(block.toarray()),
             "x_log": torch.from_numpy(logged.toarray()),
-            "count_hist": torch.from_numpy(hist.astype(np.float32)),
+            "count_hist": hist,
             "tail_cols": torch.from_numpy(block.indices[tail].astype(np.int64)),
             "tail_vals": torch.from_numpy(values[tail].astype(np.float32)),
             "log_x_factorial": torch.from_numpy(np.ascontiguousarray(row_terms[:, 0])),
