@@ -152,15 +152,14 @@ class ConditionalPrior(nn.Module):
 
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c (..., C) -> mean (..., D), variance (..., D)."""
-        shape = c.shape[:-1] + (self.n_latent,)
-        zeros = c.new_zeros(shape)
         if self.net is None:
+            zeros = c.new_zeros(c.shape[:-1] + (self.n_latent,))
             return zeros, torch.ones_like(zeros)
         out = self.net(c)
         if self.mode == "mean":
             return out, torch.ones_like(out)
         if self.mode == "variance":
-            return zeros, torch.exp(out.clamp(-8.0, 8.0))
+            return torch.zeros_like(out), torch.exp(out.clamp(-8.0, 8.0))
         mean, log_var = out.chunk(2, dim=-1)
         return mean, torch.exp(log_var.clamp(-8.0, 8.0))
 
@@ -417,17 +416,33 @@ class InVAEModule(nn.Module):
         sm = score_matching_loss(lambda zz: self.prior_inv.log_density(zz, c), z) if self.training else torch.zeros_like(kl)
         return kl, sm
 
+    def kl_latents(self, z, qm, qv, label, inv, spur) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL of each latent block to its Gaussian prior per cell: (kl_inv (B,), kl_spur (B,))."""
+        if not (self.kl_estimator == "analytic" and self.prior_inv.unit_variance and self.prior_spur.unit_variance):
+            return self.kl_invariant(z, qm, qv, label, inv), self.kl_spurious(z, qm, qv, spur)
+        # both priors have unit variance (the default): one pass over all D dimensions, not one per block
+        pm = torch.cat([self.prior_inv(self._inv_prior_input(label, inv))[0], self.prior_spur(spur)[0]], dim=-1)
+        kl = 0.5 * (qv - torch.log(qv) + (qm - pm).square() - 1.0)
+        kl_inv = self._label_marginal_kl(kl[:, : self.n_latent_inv].sum(-1), z, qm, qv, label, inv)
+        return kl_inv, kl[:, self.n_latent_inv :].sum(-1)
+
     def kl_invariant(self, z, qm, qv, label, inv) -> torch.Tensor:
         """KL of q(z_inv | x) to p(z_inv | y) per cell (B,). Unknown labels use the label-marginal prior."""
-        z, qm, qv = (t[..., : self.n_latent_inv] for t in (z, qm, qv))
         pm, pv = self.prior_inv(self._inv_prior_input(label, inv))
+        zi, qmi, qvi = (t[..., : self.n_latent_inv] for t in (z, qm, qv))
         if self.kl_estimator == "analytic":
-            kl = gaussian_kl(qm, qv, pm, None if self.prior_inv.unit_variance else pv)
+            kl = gaussian_kl(qmi, qvi, pm, None if self.prior_inv.unit_variance else pv)
         else:
-            kl = gaussian_log_prob(z, qm, qv) - gaussian_log_prob(z, pm, pv)
+            kl = gaussian_log_prob(zi, qmi, qvi) - gaussian_log_prob(zi, pm, pv)
+        return self._label_marginal_kl(kl, z, qm, qv, label, inv)
+
+    def _label_marginal_kl(self, kl, z, qm, qv, label, inv) -> torch.Tensor:
+        """`kl` (B,) with the entries of cells without a label replaced by the (Monte-Carlo) KL to
+        the label-marginal prior."""
         unknown = label < 0
         if self.n_labels == 0 or not bool(unknown.any()):
             return kl
+        z, qm, qv = (t[..., : self.n_latent_inv] for t in (z, qm, qv))
         # Mixture over all labels for cells without a label: log p(z) = logsumexp_k log pi_k N(z; m_k, v_k)
         zu, inv_u = z[unknown], inv[unknown]
         eye = torch.eye(self.n_labels, dtype=inv.dtype, device=inv.device)
@@ -484,11 +499,13 @@ class InVAEModule(nn.Module):
         if self.prior_family == "nf":
             kl_inv, sm = self.nf_kl_and_score_matching(z, qm, qv, batch["label"], batch["inv"])
             score_matching = sm.mean()
+            kl_spur = self.kl_spurious(z, qm, qv, batch["spur"])
         else:
-            kl_inv = self.kl_invariant(z, qm, qv, batch["label"], batch["inv"])
-        kl_spur = self.kl_spurious(z, qm, qv, batch["spur"])
+            kl_inv, kl_spur = self.kl_latents(z, qm, qv, batch["label"], batch["inv"], batch["spur"])
         kl_inv, kl_spur = kl_inv.mean(), kl_spur.mean()
-        loss = recon + kl_weight * (kl_inv + kl_spur) + score_matching
+        loss = recon + kl_weight * (kl_inv + kl_spur)
+        if self.prior_family == "nf":
+            loss = loss + score_matching
         classification = torch.zeros((), device=x.device)
         if self.classifier is not None:  # unlabelled cells (-1) are ignored; a batch without labels adds 0
             label = batch["label"]

@@ -161,7 +161,7 @@ class _RunningMeans:
 
     def add(self, out: dict[str, torch.Tensor], n_cells: int) -> None:
         self.keys = list(out)
-        self.totals = self.totals + torch.stack([v.detach().float() for v in out.values()]) * n_cells
+        self.totals = self.totals + torch.stack(list(out.values())).detach() * n_cells
         self.n += n_cells
 
     def result(self, prefix: str) -> dict[str, float]:
