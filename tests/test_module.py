@@ -253,3 +253,16 @@ def test_encoder_loads_state_saved_with_separate_heads():
     x = torch.poisson(torch.rand(5, 12) * 4)
     for a, b in zip(fresh.encode(x), old_style.encode(x)):
         assert torch.equal(a, b)
+
+
+def test_loader_gives_log1p_counts_in_bf16_when_asked(small_adata):
+    """With bf16 wide layers the loader densifies log1p counts straight into bf16 (rounded to nearest)."""
+    from scinv.data import DataRegistry, MinibatchLoader
+
+    data = DataRegistry.from_anndata(small_adata, batch_key="batch").encode(small_adata)
+    fp32 = next(iter(MinibatchLoader(data, batch_size=32, shuffle=False)))["x_log"]
+    bf16 = next(iter(MinibatchLoader(data, batch_size=32, shuffle=False, x_log_dtype=torch.bfloat16)))["x_log"]
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert torch.equal(bf16, fp32.to(torch.bfloat16))
+    m = InVAEModule(n_genes=small_adata.n_vars, n_labels=0, n_inv_covariates=0, n_spur_covariates=3).eval()
+    assert torch.allclose(m.encoder(bf16)[0], m.encoder(bf16.float())[0])  # fp32 layers accept it too

@@ -40,7 +40,7 @@ class WideLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = self.compute_dtype
         if dt is None:
-            return super().forward(x)
+            return super().forward(x.to(self.weight.dtype))  # the loader may hand over bf16 inputs
         return F.linear(x.to(dt), self.weight.to(dt), self.bias.to(dt))
 
 

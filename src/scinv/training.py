@@ -232,8 +232,9 @@ class Trainer:
         c = self.config
         # drop a trailing batch of one cell: batch norm cannot train on it
         drop_last = len(self.train_idx) % c.batch_size == 1
-        self.loader = MinibatchLoader(self.data, self.train_idx, c.batch_size, True, c.seed, self.device, drop_last=drop_last)
-        self.val_loader = MinibatchLoader(self.data, self.val_idx, max(c.batch_size, 1024), False, c.seed, self.device)
+        x_log_dtype = self.amp_dtype or torch.float32  # the encoder's input layer reads it in this dtype
+        self.loader = MinibatchLoader(self.data, self.train_idx, c.batch_size, True, c.seed, self.device, drop_last=drop_last, x_log_dtype=x_log_dtype)
+        self.val_loader = MinibatchLoader(self.data, self.val_idx, max(c.batch_size, 1024), False, c.seed, self.device, x_log_dtype=x_log_dtype)
 
     def kl_weight(self, epoch: int) -> float:
         w = self.config.kl_warmup_epochs
