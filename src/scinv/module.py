@@ -62,7 +62,8 @@ class Dropout(nn.Module):
             return h
         n = h.numel()
         bits = torch.empty(n // 4 + 1, dtype=torch.int64, device=h.device).random_(-(2**63), None)
-        return h * self.mask(bits.view(torch.int16)[:n].view(h.shape)).to(h.dtype)
+        mask = self.mask(bits.view(torch.int16)[:n].view(h.shape))
+        return h * (mask if h.dtype == mask.dtype else mask.to(h.dtype))
 
     def mask(self, draws: torch.Tensor) -> torch.Tensor:
         """int16 draws -> fp32 1 / (1 - p) where draw >= threshold, else 0. By arithmetic, because
