@@ -358,12 +358,13 @@ class MinibatchLoader:
     def _dense_log1p(self, block: sp.csr_matrix) -> torch.Tensor:
         """log1p counts (B, G) in `x_log_dtype`. For bf16 the rounded bit patterns are densified as
         uint16 (scipy has no bf16): half the bytes to write and no cast of the whole matrix later."""
-        logged = torch.from_numpy(np.log1p(block.data))
+        logged = np.log1p(block.data)
         if self.x_log_dtype == torch.bfloat16:
-            bits = logged.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            bits = torch.from_numpy(logged).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
             dense = sp.csr_matrix((bits, block.indices, block.indptr), shape=block.shape).toarray()
             return torch.from_numpy(dense.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(sp.csr_matrix((logged.numpy(), block.indices, block.indptr), shape=block.shape).toarray()).to(self.x_log_dtype)
+        dense = sp.csr_matrix((logged, block.indices, block.indptr), shape=block.shape).toarray()
+        return torch.from_numpy(dense).to(self.x_log_dtype)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         d = self.data

@@ -145,11 +145,15 @@ class ConditionalPrior(nn.Module):
         if mode not in PRIOR_MODES:
             raise ValueError(f"prior mode must be one of {PRIOR_MODES}, got {mode!r}")
         self.mode, self.n_latent, self.n_covariates = mode, n_latent, n_covariates
-        self.unit_variance = mode == "mean" or n_covariates == 0 or n_latent == 0
         self.net = None
         if n_covariates > 0 and n_latent > 0:
             n_out = 2 * n_latent if mode == "both" else n_latent
             self.net = nn.Sequential(nn.Linear(n_covariates, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out))
+
+    @property
+    def unit_variance(self) -> bool:
+        """Whether the variance is fixed at 1 (then the KL needs no division by it)."""
+        return self.mode == "mean" or self.net is None
 
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c (..., C) -> mean (..., D), variance (..., D)."""
@@ -222,11 +226,16 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) ->
     return -0.5 * (_LOG_2PI + torch.log(var) + (z - mean) ** 2 / var).sum(-1)
 
 
-def gaussian_kl(qm: torch.Tensor, qv: torch.Tensor, pm: torch.Tensor, pv: torch.Tensor | None) -> torch.Tensor:
-    """KL(N(qm, qv) || N(pm, pv)) summed over the last dimension; pv None is unit variance (fewer ops)."""
+def gaussian_kl_terms(qm: torch.Tensor, qv: torch.Tensor, pm: torch.Tensor, pv: torch.Tensor | None) -> torch.Tensor:
+    """KL(N(qm, qv) || N(pm, pv)) per dimension (same shape as qm); pv None is unit variance (fewer ops)."""
     if pv is None:
-        return 0.5 * (qv - torch.log(qv) + (qm - pm).square() - 1.0).sum(-1)
-    return 0.5 * (torch.log(pv / qv) + (qv + (qm - pm) ** 2) / pv - 1.0).sum(-1)
+        return 0.5 * (qv - torch.log(qv) + (qm - pm).square() - 1.0)
+    return 0.5 * (torch.log(pv / qv) + (qv + (qm - pm) ** 2) / pv - 1.0)
+
+
+def gaussian_kl(qm: torch.Tensor, qv: torch.Tensor, pm: torch.Tensor, pv: torch.Tensor | None) -> torch.Tensor:
+    """KL(N(qm, qv) || N(pm, pv)) summed over the last dimension; pv None is unit variance."""
+    return gaussian_kl_terms(qm, qv, pm, pv).sum(-1)
 
 
 class _NBFromLogits(torch.autograd.Function):
@@ -294,14 +303,15 @@ def count_lgamma_sum(log_theta: torch.Tensor, hist: torch.Tensor, tail_cols: tor
     hist (G, K): how many entries of gene g equal k + 1 (k < K); entries above K come as
     (tail_cols, tail_vals). Counts are small (above 16 is ~0.5 % of entries), so this costs G x K
     terms instead of one lgamma pair per non-zero entry. For integer x, lgamma(x + theta) -
-    lgamma(theta) = sum_{j < x} log(theta + j), so the total is sum_{g, j} at_least[g, j] log(theta_g + j):
-    G x K logs, whose gradient is reciprocals rather than digammas, and which does not cancel two large lgammas in fp32
-    (lgamma(1e5) ~ 1e6, where the fp32 spacing is 0.06).
+    lgamma(theta) = sum_{j < x} log(theta + j), so the total is
+    sum_{g, j} at_least[g, j] log(theta_g + j): G x K logs, whose gradient is reciprocals rather than
+    digammas, and which does not cancel two large lgammas in fp32 (lgamma(1e5) ~ 1e6, fp32 spacing 0.06).
     """
     theta = log_theta.exp()
     n_bins = hist.shape[1]
     j = torch.arange(n_bins, device=theta.device, dtype=theta.dtype)
-    # at_least[g, j] = entries of gene g with j < count <= K; a matmul with a triangle is ~4x faster than flip-cumsum-flip on CPU
+    # at_least[g, j] = entries of gene g with j < count <= K; a matmul with a triangle of ones is about
+    # twice as fast as flip-cumsum-flip on CPU (forward and backward)
     at_least = hist @ torch.ones(n_bins, n_bins, device=hist.device, dtype=hist.dtype).tril()
     tail_theta = theta[tail_cols]
     tail = torch.lgamma(tail_vals + tail_theta) - torch.lgamma(tail_theta)
@@ -423,7 +433,7 @@ class InVAEModule(nn.Module):
             return self.kl_invariant(z, qm, qv, label, inv), self.kl_spurious(z, qm, qv, spur)
         # both priors have unit variance (the default): one pass over all D dimensions, not one per block
         pm = torch.cat([self.prior_inv(self._inv_prior_input(label, inv))[0], self.prior_spur(spur)[0]], dim=-1)
-        kl = 0.5 * (qv - torch.log(qv) + (qm - pm).square() - 1.0)
+        kl = gaussian_kl_terms(qm, qv, pm, None)
         kl_inv = self._label_marginal_kl(kl[:, : self.n_latent_inv].sum(-1), z, qm, qv, label, inv)
         return kl_inv, kl[:, self.n_latent_inv :].sum(-1)
 
