@@ -49,14 +49,14 @@ class CheckpointStore:
         return self._fs().exists(self.path) if self.remote else Path(self.path).exists()
 
     def save(self, state: dict) -> str:
+        buf = io.BytesIO()
+        torch.save(state, buf)  # serialised first, so the temp file below exists only for one write call
         if not self.remote:  # a fixed temp name, not io.atomic_path's unique one: repeated kills mid-write leave one file, not many
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(self.path).with_name(f".{CHECKPOINT_NAME}.tmp")
-            torch.save(state, tmp)
+            tmp.write_bytes(buf.getbuffer())
             os.replace(tmp, self.path)
             return self.path
-        buf = io.BytesIO()
-        torch.save(state, buf)
         with self._fs().open(self.path, "wb") as fh:
             fh.write(buf.getvalue())
         return self.path
