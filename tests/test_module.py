@@ -2,7 +2,7 @@
 import math
 
 import numpy as np
-
+import pytest
 import torch
 from torch.distributions import NegativeBinomial, Normal
 
@@ -105,12 +105,22 @@ def test_invariant_risk_balances_environments_and_irm_penalty_matches_loop():
     assert logits.grad is not None
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread-numpy-kernels", "2-threads-torch-kernels"])
+def torch_threads(request):
+    """Run a test on one torch thread (the likelihood's exp2/log1p go through numpy) and on two
+    (torch's own kernels), restoring the thread count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def test_encoder_takes_counts_only():
     m = InVAEModule(n_genes=10, n_labels=3, n_inv_covariates=2, n_spur_covariates=2)
     assert m.encoder.body[0].in_features == 10
 
 
-def test_histogram_reconstruction_equals_exact_likelihood(small_adata, monkeypatch):
+def test_histogram_reconstruction_equals_exact_likelihood(small_adata, monkeypatch, torch_threads):
     """The loader's count histogram path gives the exact NB log-likelihood (counts above 16 included)."""
     import scinv.module
     from scinv.data import DataRegistry, MinibatchLoader
@@ -137,7 +147,7 @@ def test_histogram_reconstruction_equals_exact_likelihood(small_adata, monkeypat
         assert torch.allclose(fast_grad, exact_grad, atol=1e-4)
 
 
-def test_nb_from_logits_backward_is_exact():
+def test_nb_from_logits_backward_is_exact(torch_threads):
     from scinv.module import nb_log_prob_dense
 
     torch.manual_seed(0)
@@ -148,7 +158,7 @@ def test_nb_from_logits_backward_is_exact():
     assert torch.autograd.gradcheck(lambda lg, t: nb_log_prob_dense(x, lg, log_lib, t), (logits, log_theta))
 
 
-def test_nb_from_bf16_logits_matches_fp32():
+def test_nb_from_bf16_logits_matches_fp32(torch_threads):
     """The decoder's logits come in bf16 under mixed precision: the likelihood is computed in fp32
     and the logits' gradient is returned in bf16."""
     from scinv.module import nb_log_prob_dense
