@@ -21,6 +21,7 @@ from .preprocess import heldout_cells
 
 UNKNOWN_LABEL = "Unknown"
 COUNT_HISTOGRAM_BINS = 16
+_SUFFIX_SUM = torch.ones(COUNT_HISTOGRAM_BINS, COUNT_HISTOGRAM_BINS).tril()  # hist @ it sums the bins i >= j
 
 
 @dataclass
@@ -336,18 +337,20 @@ class MinibatchLoader:
         }
         if not self.likelihood_terms:
             return {"x_log": x_log, **covariates}
-        # histogram of counts 1..K per gene; larger counts listed individually (see count_lgamma_sum).
-        # One bincount of gene * (K + 2) + min(count, K + 1); columns 0 (stored zeros) and K + 1 (tail)
-        # dropped. In torch: its int32 bincount is ~2x faster than numpy's.
+        # per gene, how many entries exceed j (j < K), counting entries up to K; larger counts listed
+        # individually (see module._CountLgammaSum). One bincount of gene * (K + 2) + min(count, K + 1)
+        # (torch's int32 bincount is ~2x faster than numpy's); columns 0 (stored zeros) and K + 1
+        # (tail) dropped; then a reverse cumulative sum over the bins, as a matmul with a triangle.
         k = COUNT_HISTOGRAM_BINS
         counts = torch.from_numpy(values).add(0.5).to(torch.int32).clamp_(max=k + 1)  # non-negative: rounds
         codes = torch.from_numpy(block.indices).to(torch.int32).mul(k + 2).add_(counts)  # mul, not mul_: .to may share the array
         hist = torch.bincount(codes, minlength=n_genes * (k + 2)).view(n_genes, k + 2)[:, 1 : k + 1].to(torch.float32)
+        at_least = hist @ _SUFFIX_SUM
         tail = values > k + 0.5
         return {
             "x": torch.from_numpy(block.toarray()),
             "x_log": x_log,
-            "count_hist": hist,
+            "count_at_least": at_least,
             "tail_cols": torch.from_numpy(block.indices[tail].astype(np.int64)),
             "tail_vals": torch.from_numpy(values[tail].astype(np.float32)),
             "log_x_factorial": torch.from_numpy(np.ascontiguousarray(row_terms[:, 0])),
