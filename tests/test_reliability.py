@@ -1,8 +1,10 @@
 """Training survives SIGKILL: a rerun resumes from the last checkpoint and ends where an uninterrupted run ends."""
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -103,3 +105,25 @@ def test_checkpoints_on_s3_resume_a_rerun(tmp_path, s3_bucket):
     h_rerun = pd.read_csv(tmp_path / "rerun" / "history.csv")
     assert list(h_rerun["epoch"]) == list(range(1, 9))
     assert abs(h_full["train_loss"].iloc[-1] - h_rerun["train_loss"].iloc[-1]) <= 1e-3 * abs(h_full["train_loss"].iloc[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_TMPFILE and /proc/self/fd are Linux's")
+def test_write_bytes_atomically_never_names_a_partial_file(tmp_path, monkeypatch):
+    """Checkpoints are written to an unnamed file that is linked in only when complete; a stale temp
+    file from an earlier kill is replaced, and the result is readable like any other output."""
+    from scinv.io import write_bytes_atomically
+
+    target = tmp_path / "ckpt" / "last.ckpt"
+    target.parent.mkdir()
+    (target.parent / ".last.ckpt.tmp").write_bytes(b"half-written by a killed run")
+    def refuse(self, data):
+        raise AssertionError("the named-temp fallback was used")
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)  # on Linux the unnamed-file path must do the write
+    write_bytes_atomically(target, b"first")
+    write_bytes_atomically(target, memoryview(b"second, longer"))
+    assert target.read_bytes() == b"second, longer"
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +42,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write `data` to `path` so that a kill at any moment leaves no partial file under any name.
+
+    On Linux the bytes go to an unnamed file (O_TMPFILE) that gets a name only once complete
+    (linkat through /proc/self/fd), then is renamed onto `path`: a kill can leave at most a
+    complete temp file, and only in the microseconds between the two calls. Elsewhere (or on a
+    filesystem without O_TMPFILE) a named temp file is written and renamed; a kill during the
+    write leaves it behind, and the next save replaces it.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")  # a fixed name: repeated kills leave one file, not many
+    if not _write_unnamed_then_link(final.parent, tmp, data):
+        tmp.write_bytes(data)
+    os.replace(tmp, final)
+
+
+def _write_unnamed_then_link(directory: Path, name: Path, data) -> bool:
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o666)  # mode masked by the umask, as for open()
+    except (AttributeError, OSError):  # not Linux, or the filesystem has no O_TMPFILE
+        return False
+    try:
+        with open(fd, "wb", closefd=False) as fh:
+            fh.write(data)
+        name.unlink(missing_ok=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, at_symlink_follow = -100, 0x400  # from fcntl.h
+        return libc.linkat(at_fdcwd, f"/proc/self/fd/{fd}".encode(), at_fdcwd, os.fsencode(name), at_symlink_follow) == 0
+    except (OSError, AttributeError):
+        return False
+    finally:
+        os.close(fd)
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> None:

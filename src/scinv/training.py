@@ -18,6 +18,7 @@ import torch
 
 from .data import EncodedData, MinibatchLoader, split_train_validation
 from .errors import ScinvInputError
+from .io import write_bytes_atomically
 from .module import InVAEModule
 
 log = logging.getLogger("scinv")
@@ -50,12 +51,9 @@ class CheckpointStore:
 
     def save(self, state: dict) -> str:
         buf = io.BytesIO()
-        torch.save(state, buf)  # serialised first, so the temp file below exists only for one write call
-        if not self.remote:  # a fixed temp name, not io.atomic_path's unique one: repeated kills mid-write leave one file, not many
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(self.path).with_name(f".{CHECKPOINT_NAME}.tmp")
-            tmp.write_bytes(buf.getbuffer())
-            os.replace(tmp, self.path)
+        torch.save(state, buf)
+        if not self.remote:
+            write_bytes_atomically(self.path, buf.getbuffer())
             return self.path
         with self._fs().open(self.path, "wb") as fh:
             fh.write(buf.getvalue())
