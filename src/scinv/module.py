@@ -278,7 +278,8 @@ class _NBFromLogits(torch.autograd.Function):
         t = logits.to(x.dtype, copy=True)
         t.mul_(_LOG2_E).sub_(t.amax(-1, keepdim=True))
         x_dot_t = torch.linalg.vecdot(x, t)
-        e = _transcendental(t, np.exp2, torch.exp2, inplace=True)  # t is 2^t from here on (exp2 is 2.5x faster than exp on CPU)
+        # t is 2^t from here on (torch's CPU exp2 is also 2.5x faster than its exp)
+        e = _transcendental(t, np.exp2, torch.exp2, inplace=True)
         log_sum = e.sum(-1, keepdim=True).log_()
         # e = mu / theta = lib 2^t / (sum 2^t theta), finite because log theta is clamped in the module
         e.mul_(torch.exp(log_lib - log_sum)).mul_(torch.exp(-log_theta))
