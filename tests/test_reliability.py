@@ -116,6 +116,7 @@ def test_write_bytes_atomically_never_names_a_partial_file(tmp_path, monkeypatch
     target = tmp_path / "ckpt" / "last.ckpt"
     target.parent.mkdir()
     (target.parent / ".last.ckpt.tmp").write_bytes(b"half-written by a killed run")
+
     def refuse(self, data):
         raise AssertionError("the named-temp fallback was used")
 

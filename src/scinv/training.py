@@ -28,7 +28,8 @@ CHECKPOINT_NAME = "last.ckpt"
 class CheckpointStore:
     """`last.ckpt` in a local directory or under a URL that fsspec knows (s3://, gs://, az://).
 
-    Local files are written to a temp name and renamed; an object store makes a single PUT visible
+    Local files are written by io.write_bytes_atomically (an unnamed file linked in only when
+    complete, then renamed); an object store makes a single PUT visible
     only when complete, so a killed task never leaves a half-written checkpoint either way. Loading
     uses torch.load(weights_only=True): no pickle code runs.
     """
