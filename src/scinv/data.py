@@ -322,10 +322,9 @@ class MinibatchLoader:
             chunks = [chunks[i] for i in self.rng.permutation(len(chunks))]
         yield from chunks
 
-    def _tensors(self, block: sp.csr_matrix, rows: np.ndarray, row_terms: np.ndarray | None) -> dict[str, torch.Tensor]:
-        """Dense counts and log1p counts, plus the count histogram the likelihood needs."""
+    def _tensors(self, block: sp.csr_matrix, rows: np.ndarray, row_terms: np.ndarray | None, at_least: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Dense counts and log1p counts, plus the likelihood's count summaries (`at_least`: see __iter__)."""
         d = self.data
-        n_rows, n_genes = block.shape
         values = block.data
         x_log = self._dense_log1p(block)
         covariates = {
@@ -337,20 +336,11 @@ class MinibatchLoader:
         }
         if not self.likelihood_terms:
             return {"x_log": x_log, **covariates}
-        # per gene, how many entries exceed j (j < K), counting entries up to K; larger counts listed
-        # individually (see module._CountLgammaSum). One bincount of gene * (K + 2) + min(count, K + 1)
-        # (torch's int32 bincount is ~2x faster than numpy's); columns 0 (stored zeros) and K + 1
-        # (tail) dropped; then a reverse cumulative sum over the bins, as a matmul with a triangle.
-        k = COUNT_HISTOGRAM_BINS
-        counts = torch.from_numpy(values).add(0.5).to(torch.int32).clamp_(max=k + 1)  # non-negative: rounds
-        codes = torch.from_numpy(block.indices).to(torch.int32).mul(k + 2).add_(counts)  # mul, not mul_: .to may share the array
-        hist = torch.bincount(codes, minlength=n_genes * (k + 2)).view(n_genes, k + 2)[:, 1 : k + 1].to(torch.float32)
-        at_least = hist @ _SUFFIX_SUM
-        tail = values > k + 0.5
+        tail = values > COUNT_HISTOGRAM_BINS + 0.5
         return {
             "x": torch.from_numpy(block.toarray()),
             "x_log": x_log,
-            "count_at_least": at_least,
+            "count_at_least": at_least,  # (G, K) float32
             "tail_cols": torch.from_numpy(block.indices[tail].astype(np.int64)),
             "tail_vals": torch.from_numpy(values[tail].astype(np.float32)),
             "log_x_factorial": torch.from_numpy(np.ascontiguousarray(row_terms[:, 0])),
@@ -369,26 +359,57 @@ class MinibatchLoader:
         dense = sp.csr_matrix((logged, block.indices, block.indptr), shape=block.shape).toarray()
         return torch.from_numpy(dense).to(self.x_log_dtype)
 
+    def _whole_set_at_least(self) -> torch.Tensor:
+        """count_at_least over all of this loader's cells (in-memory data), computed once."""
+        if getattr(self, "_set_at_least", None) is None:
+            X, idx = self.data.X, self.indices
+            self._set_at_least = sum(count_at_least(X[idx[i : i + self.chunk_size]]) for i in range(0, len(idx), self.chunk_size))
+        return self._set_at_least
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Minibatches. The count term of the likelihood depends on the counts only through per-gene
+        histograms (module._CountLgammaSum) and on no parameter but theta, so each batch carries the
+        histogram of the whole set it is drawn from (all cells in memory, else the current backed
+        chunk) scaled by its share of that set, instead of its own: the same expectation, exactly
+        the same sum over an epoch, a lower-variance theta gradient, and no histogram per batch
+        (~0.25 ms, 2-3 % of a CPU training step). Counts above the histogram's range stay per batch."""
         d = self.data
         pin = self.device.type == "cuda"
         for chunk in self._order():
             if self.backed:
                 source = sp.csr_matrix(d.X[chunk[0] : chunk[-1] + 1][chunk - chunk[0]], dtype=np.float32)
                 source_row_terms = count_row_terms(source) if self.likelihood_terms else None
+                set_at_least = count_at_least(source) if self.likelihood_terms else None
                 pos = self.rng.permutation(len(chunk)) if self.shuffle else np.arange(len(chunk))
             else:
                 source, pos = d.X, chunk
                 source_row_terms = d.row_terms if self.likelihood_terms else None
+                set_at_least = self._whole_set_at_least() if self.likelihood_terms else None
             for start in range(0, len(pos), self.batch_size):
                 sel = pos[start : start + self.batch_size]
                 if self.drop_last and len(sel) < self.batch_size:
                     break
                 rows = chunk[sel] if self.backed else sel
-                batch = self._tensors(source[sel], rows, None if source_row_terms is None else source_row_terms[sel])
+                share = None if set_at_least is None else set_at_least * (len(sel) / len(pos))
+                batch = self._tensors(source[sel], rows, None if source_row_terms is None else source_row_terms[sel], share)
                 if self.device.type != "cpu":
                     batch = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()}
                 yield batch
+
+
+def count_at_least(block: sp.csr_matrix) -> torch.Tensor:
+    """(G, K) float32: per gene, how many entries of `block` exceed j (j < K), counting entries up
+    to K only (larger ones are listed per batch; see module._CountLgammaSum).
+
+    One bincount of gene * (K + 2) + min(count, K + 1) (torch's int32 bincount is ~2x faster than
+    numpy's); columns 0 (stored zeros) and K + 1 (tail) dropped; then a reverse cumulative sum over
+    the bins, as a matmul with a triangle.
+    """
+    k, n_genes = COUNT_HISTOGRAM_BINS, block.shape[1]
+    counts = torch.from_numpy(block.data).add(0.5).to(torch.int32).clamp_(max=k + 1)  # non-negative: rounds
+    codes = torch.from_numpy(block.indices).to(torch.int32).mul(k + 2).add_(counts)  # mul, not mul_: .to may share the array
+    hist = torch.bincount(codes, minlength=n_genes * (k + 2)).view(n_genes, k + 2)[:, 1 : k + 1].to(torch.float32)
+    return hist @ _SUFFIX_SUM
 
 
 def count_row_terms(X: sp.csr_matrix) -> np.ndarray:
