@@ -265,8 +265,8 @@ def score_matching_loss(log_density, z: torch.Tensor) -> torch.Tensor:
 class _GaussianLatent(torch.autograd.Function):
     """Posterior, reparameterised sample and analytic KL to unit-variance priors in one autograd node.
 
-    heads (B, 2 D): [mean | raw log variance] from the encoder, prior_mean
-    (B, D), noise (B, D) standard normal or None (then z is the mean). Returns z, qm, qv (B, D)
+    Inputs: heads (B, 2 D) [mean | raw log variance] from the encoder, prior_mean (B, D), noise
+    (B, D) standard normal or None (then z is the mean), n_inv = D_inv. Returns z, qm, qv (B, D)
     and the KL of each block summed per cell, kl_inv (B,) and kl_spur (B,), with
 
         qv = exp(clamp(log var)) + floor,   z = qm + sqrt(qv) noise,
