@@ -46,7 +46,12 @@ ensure_engine
 base="$(base_image)"
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
 log "building scinv:$version from $base"
+previous="$(docker image inspect -f '{{.Id}}' "scinv:$version" 2>/dev/null || true)"
 BASE_IMAGE="$base" TRUST_HOST_CA=1 containers/build.sh >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+# a rebuild leaves the previous image untagged (~7.6 GB each): reruns on one host filled its disk
+if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "scinv:$version")" ]; then
+    docker rmi "$previous" >/dev/null 2>&1 || log "could not remove the previous image $previous (in use?)"
+fi
 
 log "running -profile test,docker"
 tools/nextflow run main.nf -profile test,docker --outdir "$out/results-docker" -work-dir "$out/work-docker" >"$out/run-docker.log" 2>&1 \
