@@ -72,13 +72,14 @@ def test_unknown_label_uses_label_marginal_mixture_prior():
 
 
 def test_joint_kl_equals_per_block_kl():
-    """The one-pass KL over both blocks (unit-variance priors) equals the per-block KLs, unknown labels included."""
+    """The one-node KL over both blocks (latent_and_kl, unit-variance priors) equals the per-block
+    KLs, unknown labels included."""
     torch.manual_seed(0)
-    m = InVAEModule(n_genes=10, n_labels=3, n_inv_covariates=1, n_spur_covariates=2, n_latent_inv=4, n_latent_spur=2)
-    z, qm, qv = torch.randn(6, 6), torch.randn(6, 6), torch.rand(6, 6) + 0.5
+    m = InVAEModule(n_genes=10, n_labels=3, n_inv_covariates=1, n_spur_covariates=2, n_latent_inv=4, n_latent_spur=2).eval()
+    x_log = torch.log1p(torch.poisson(torch.rand(6, 10) * 4))
     label, inv = torch.tensor([0, 1, -1, 2, -1, 0]), torch.randn(6, 1)
     spur = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 0, 1, 0]), 2).float()
-    kl_inv, kl_spur = m.kl_latents(z, qm, qv, label, inv, spur)
+    z, qm, qv, kl_inv, kl_spur = m.latent_and_kl(x_log, None, label, inv, spur)
     assert torch.allclose(kl_inv, m.kl_invariant(z, qm, qv, label, inv), atol=1e-6)
     assert torch.allclose(kl_spur, m.kl_spurious(z, qm, qv, spur), atol=1e-6)
 

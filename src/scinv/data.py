@@ -305,6 +305,7 @@ class MinibatchLoader:
         self.chunk_size = chunk_size
         self.drop_last = drop_last
         self.likelihood_terms = likelihood_terms  # False: encoder inputs only (inference)
+        self._set_at_least: torch.Tensor | None = None  # in memory: count_at_least of all self.indices
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -361,7 +362,7 @@ class MinibatchLoader:
 
     def _whole_set_at_least(self) -> torch.Tensor:
         """count_at_least over all of this loader's cells (in-memory data), computed once."""
-        if getattr(self, "_set_at_least", None) is None:
+        if self._set_at_least is None:
             X, idx = self.data.X, self.indices
             self._set_at_least = sum(count_at_least(X[idx[i : i + self.chunk_size]]) for i in range(0, len(idx), self.chunk_size))
         return self._set_at_least

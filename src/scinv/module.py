@@ -567,22 +567,13 @@ class InVAEModule(nn.Module):
 
     def latent_and_kl(self, x_log, encoder_covariates, label, inv, spur):
         """Encode, sample (training) and score against the priors: z, qm, qv (B, D), kl_inv (B,),
-        kl_spur (B,); the same quantities as encoder + kl_latents, in fewer autograd nodes."""
+        kl_spur (B,); the same quantities as encoder + kl_invariant + kl_spurious, in fewer
+        autograd nodes."""
         heads = self.encoder.raw(x_log, encoder_covariates)
         prior_mean = torch.cat([self.prior_inv.mean(self._inv_prior_input(label, inv)), self.prior_spur.mean(spur)], dim=-1)
         noise = torch.randn_like(prior_mean) if self.training else None
         z, qm, qv, kl_inv, kl_spur = _GaussianLatent.apply(heads, prior_mean, noise, self.n_latent_inv)
         return z, qm, qv, self._label_marginal_kl(kl_inv, z, qm, qv, label, inv), kl_spur
-
-    def kl_latents(self, z, qm, qv, label, inv, spur) -> tuple[torch.Tensor, torch.Tensor]:
-        """KL of each latent block to its Gaussian prior per cell: (kl_inv (B,), kl_spur (B,))."""
-        if not (self.kl_estimator == "analytic" and self.prior_inv.unit_variance and self.prior_spur.unit_variance):
-            return self.kl_invariant(z, qm, qv, label, inv), self.kl_spurious(z, qm, qv, spur)
-        # both priors have unit variance (the default): one pass over all D dimensions, not one per block
-        pm = torch.cat([self.prior_inv(self._inv_prior_input(label, inv))[0], self.prior_spur(spur)[0]], dim=-1)
-        kl = gaussian_kl_terms(qm, qv, pm, None)
-        kl_inv = self._label_marginal_kl(kl[:, : self.n_latent_inv].sum(-1), z, qm, qv, label, inv)
-        return kl_inv, kl[:, self.n_latent_inv :].sum(-1)
 
     def kl_invariant(self, z, qm, qv, label, inv) -> torch.Tensor:
         """KL of q(z_inv | x) to p(z_inv | y) per cell (B,). Unknown labels use the label-marginal prior."""
@@ -662,7 +653,7 @@ class InVAEModule(nn.Module):
                 score_matching = sm.mean()
                 kl_spur = self.kl_spurious(z, qm, qv, spur)
             else:
-                kl_inv, kl_spur = self.kl_latents(z, qm, qv, label, inv, spur)
+                kl_inv, kl_spur = self.kl_invariant(z, qm, qv, label, inv), self.kl_spurious(z, qm, qv, spur)
         log_lib = batch["log_lib"] if "log_lib" in batch else torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
         recon = self.reconstruction_loss(batch, self.decoder(z), log_lib)
         kl_inv, kl_spur = kl_inv.mean(), kl_spur.mean()
