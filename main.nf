@@ -7,7 +7,7 @@
 nextflow.enable.dsl = 2
 
 include { SCINV                          } from './workflows/scinv'
-include { validateParameters; helpText   } from './subworkflows/local/utils_scinv'
+include { validateParameters; helpText; logLocalCaps } from './subworkflows/local/utils_scinv'
 
 workflow {
     if (params.help) {
@@ -15,6 +15,7 @@ workflow {
         return
     }
     validateParameters("${projectDir}/nextflow_schema.json")
+    logLocalCaps()
     SCINV()
 }
 

@@ -68,6 +68,17 @@ def validateParameters(String schemaPath) {
     }
 }
 
+/*
+ * conf/base.config caps local tasks to the machine (fitHost); say so once, with the figures.
+ */
+def logLocalCaps() {
+    def executor = session.config.navigate('process.executor') ?: 'local'
+    if (executor != 'local') return
+    def cpus = Runtime.runtime.availableProcessors()
+    def memory = new nextflow.util.MemoryUnit(java.lang.management.ManagementFactory.operatingSystemMXBean.totalMemorySize as long)
+    log.info "Local executor: task requests are capped to this machine's ${cpus} CPUs and ${memory} (--max_cpus/--max_memory cap lower)"
+}
+
 def helpText(String schemaPath) {
     def (props, required) = schemaProperties(schemaPath)
     def lines = [
