@@ -17,9 +17,9 @@ import scipy.sparse as sp
 import torch
 
 from .errors import ScinvInputError
+from .labels import UNKNOWN_LABEL, as_strings, normalize_labels, unlabelled
 from .preprocess import heldout_cells
 
-UNKNOWN_LABEL = "Unknown"
 COUNT_HISTOGRAM_BINS = 16
 _SUFFIX_SUM = torch.ones(COUNT_HISTOGRAM_BINS, COUNT_HISTOGRAM_BINS).tril()  # hist @ it sums the bins i >= j
 
@@ -155,8 +155,8 @@ class DataRegistry:
         if label_key:
             if label_key not in obs.columns:
                 raise ScinvInputError(f"{where}: label column '{label_key}' not found in obs; fix --label_key")
-            col = obs[label_key].astype(str).fillna(unknown_label)
-            reg.labels = sorted(set(col.unique()) - {unknown_label, "nan"})
+            col = pd.Series(normalize_labels(obs[label_key], unknown_label))
+            reg.labels = sorted(set(col.unique()) - {unknown_label})
             if not reg.labels:
                 raise ScinvInputError(f"{where}: label column '{label_key}' holds only '{unknown_label}'; label some cells")
         if batch_key:
@@ -224,10 +224,10 @@ class DataRegistry:
         n = len(obs)
         if not self.label_key or self.label_key not in obs.columns:
             return np.full(n, -1, dtype=np.int64)
-        values = obs[self.label_key].astype(str).to_numpy()
+        values = as_strings(obs[self.label_key]).fillna("").str.strip().to_numpy()
         lookup = {c: i for i, c in enumerate(self.labels)}
-        codes = np.fromiter((lookup.get(v, -1) for v in values), dtype=np.int64, count=n)
-        known = (values != self.unknown_label) & (values != "nan")
+        known = ~unlabelled(obs[self.label_key], self.unknown_label)
+        codes = np.fromiter((lookup.get(v, -1) if k else -1 for v, k in zip(values, known)), dtype=np.int64, count=n)
         unseen = sorted(set(values[(codes < 0) & known]))[:5]
         if unseen:
             raise ScinvInputError(

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .preprocess import heldout_cells
 from .errors import ScinvInputError
+from .labels import as_strings, unlabelled
 
 log = logging.getLogger("scinv")
 
@@ -91,8 +92,7 @@ def run_scib(
     missing = [k for k in embedding_keys + [pre_integrated_key] if k not in adata.obsm]
     if missing:
         raise ScinvInputError(f"metrics: embeddings {missing} not in obsm; run the export step first")
-    known = adata.obs[label_key].astype(str) != unknown_label
-    sub = adata[known.to_numpy()]
+    sub = adata[~unlabelled(adata.obs[label_key], unknown_label)]
     if sub.obs[batch_key].nunique() < 2 or sub.obs[label_key].nunique() < 2:
         raise ScinvInputError("metrics need at least two batches and two known labels")
     sub = sub[stratified_subsample(sub.obs, [batch_key, label_key], max_cells, seed)]
@@ -138,7 +138,7 @@ def label_transfer_scores(true: np.ndarray, predicted: np.ndarray) -> dict:
 def heldout_mask(obs: pd.DataFrame, batch_key: str, label_key: str, heldout: list[str], unknown_label: str) -> tuple[np.ndarray, np.ndarray]:
     """(reference, query) boolean masks: labelled cells outside / inside the held-out batches."""
     query = heldout_cells(obs, batch_key, heldout, "metrics")
-    known = (obs[label_key].astype(str) != unknown_label).to_numpy()
+    known = ~unlabelled(obs[label_key], unknown_label)
     return known & ~query, known & query
 
 
@@ -163,7 +163,7 @@ def label_transfer_table(
     ref, query = heldout_mask(adata.obs, batch_key, label_key, heldout, unknown_label)
     if not query.any() or not ref.any():
         raise ScinvInputError("metrics: no labelled cells in the held-out batches or none outside them; check --heldout_batches and --label_key")
-    truth = adata.obs[label_key].astype(str).to_numpy()
+    truth = as_strings(adata.obs[label_key]).fillna("").str.strip().to_numpy()
     rows = {}
     if prediction_key and prediction_key in adata.obs:
         rows["scinv invariant predictor"] = label_transfer_scores(truth[query], adata.obs[prediction_key].astype(str).to_numpy()[query])
