@@ -122,6 +122,34 @@ def test_map_query_extends_batches_and_keeps_reference(trained):
     assert torch.allclose(w_new[:, :3], w_old[:, :3])
 
 
+def test_second_train_continues_from_the_current_weights(small_adata):
+    model = make_model(small_adata)
+    model.train(**{**FAST, "max_epochs": 3})
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    z_before = model.get_latent_representation(small_adata)
+    model.train(max_epochs=2, batch_size=128, early_stopping_patience=0, lr=1e-6)
+    assert [h["epoch"] for h in model.history] == [1, 2, 3, 4, 5]
+    assert model.history[3]["kl_weight"] == 1.0  # no second KL warm-up
+    # lr 1e-6 for two epochs: the weights moved a little from where they were, not from a fresh start
+    after = model.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert np.abs(model.get_latent_representation(small_adata) - z_before).max() < 0.05
+
+
+def test_a_mapped_query_model_refuses_train_and_keeps_reference_weights(trained):
+    adata, model = trained
+    from scinv.datasets import synthetic_counts
+
+    query = synthetic_counts(n_cells=200, n_genes=120, n_batches=1, n_types=4, seed=6)
+    query.obs["batch"] = "q1"
+    mapped = model.map_query(query, max_epochs=2)
+    decoder = {k: v.clone() for k, v in mapped.module.decoder.state_dict().items()}
+    with pytest.raises(ScinvInputError, match="made by map_query"):
+        mapped.train(max_epochs=2)
+    assert all(torch.equal(decoder[k], v) for k, v in mapped.module.decoder.state_dict().items())
+    assert all(torch.equal(v, model.module.decoder.state_dict()[k]) for k, v in decoder.items())
+
+
 def test_unknown_labels_train_and_get_predictions(small_adata):
     small_adata.obs["cell_type"] = small_adata.obs["cell_type"].astype(str)
     small_adata.obs.loc[small_adata.obs_names[:100], "cell_type"] = "Unknown"

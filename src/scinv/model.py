@@ -118,6 +118,7 @@ class InVAE:
         self.predictor: InvariantClassifier | None = None
         self.history: list[dict] = []
         self.predictor_history: list[dict] = []
+        self.mapped_query = False  # set by map_query: train() would move the frozen reference weights
         self.device = torch.device("cpu")
 
     # -- construction helpers -------------------------------------------------------------------------
@@ -158,7 +159,7 @@ class InVAE:
         batch_size: int = 256,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        kl_warmup_epochs: int = 20,
+        kl_warmup_epochs: int | None = None,
         validation_fraction: float = 0.1,
         early_stopping_patience: int = 20,
         seed: int = 0,
@@ -171,11 +172,23 @@ class InVAE:
     ) -> list[dict]:
         """Train the VAE. Returns the per-epoch history (train/validation loss per term, lr, seconds).
 
+        The first call starts from fresh weights drawn with `seed`. A later call continues from the
+        current weights, as in scvi-tools, for up to `max_epochs` more epochs, and appends to the
+        history. `kl_warmup_epochs` defaults to 20 on the first call and 0 when continuing. A model
+        made by :meth:`map_query` refuses `train()`: its reference weights stay frozen.
         With `checkpoint_dir` and `checkpoint_every` > 0 the full state (weights, optimiser,
         scheduler, RNG, epoch) is saved every N epochs, and a new call resumes from it.
         """
         if self._data is None:
             raise ScinvInputError("this model has no training data; create it from an AnnData to train")
+        if self.mapped_query:
+            raise ScinvInputError(
+                "this model was made by map_query and keeps the reference weights frozen; "
+                "train its query part with map_query(query, max_epochs=...) on the reference model instead"
+            )
+        continuing = bool(self.history)
+        if kl_warmup_epochs is None:
+            kl_warmup_epochs = 0 if continuing else 20
         config = TrainingConfig(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             kl_warmup_epochs=kl_warmup_epochs, validation_fraction=validation_fraction,
@@ -184,9 +197,14 @@ class InVAE:
         )
         self.device = resolve_device(device)
         seed_everything(seed)
-        self.module = self._build_module(self._label_frequencies())
+        if continuing:
+            progress(f"continuing training from the current weights (after {len(self.history)} epochs)")
+        else:
+            self.module = self._build_module(self._label_frequencies())
         trainer = Trainer(self.module, self._data, config, self.device)
-        self.history = trainer.fit(checkpoint_dir, resume)
+        done = len(self.history) if continuing else 0
+        new = [{**record, "epoch": record["epoch"] + done} for record in trainer.fit(checkpoint_dir, resume)]
+        self.history = (self.history if continuing else []) + new
         self.train_config = asdict(config)
         self._split = (trainer.train_idx, trainer.val_idx)
         return self.history
@@ -346,6 +364,7 @@ class InVAE:
         query_model = InVAE.from_state(self._config(), self._state_dict())
         query_model.device = resolve_device(device)
         query_model._extend_batches(new)
+        query_model.mapped_query = True
         query_model.adata = query
         query_model._data = query_model.registry.encode(query, "query", use_labels=True)
         module = query_model.module
@@ -414,6 +433,7 @@ class InVAE:
             "has_predictor": self.predictor is not None,
             "history": self.history,
             "predictor_history": self.predictor_history,
+            "mapped_query": self.mapped_query,
         }
 
     def _state_dict(self) -> dict[str, torch.Tensor]:
@@ -456,6 +476,7 @@ class InVAE:
         model.history = config.get("history", [])
         model.predictor_history = config.get("predictor_history", [])
         model.train_config = config.get("train_config")
+        model.mapped_query = bool(config.get("mapped_query", False))
         return model
 
     @classmethod
