@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -122,3 +123,127 @@ def write_synthetic_h5ad(
         for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
             write_elem(f, key, {})
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cell Ranger output layouts, written from an AnnData (tests, benchmarks, format conversion)
+
+
+def _gene_ids(adata: ad.AnnData) -> np.ndarray:
+    if "gene_ids" in adata.var:
+        return adata.var["gene_ids"].astype(str).to_numpy()
+    return np.array([f"ENSG{i:011d}" for i in range(adata.n_vars)])
+
+
+def write_10x_h5(adata: ad.AnnData, path, version: int = 3, genome: str = "GRCh38") -> None:
+    """Write X (integer counts) as a Cell Ranger `filtered_feature_bc_matrix.h5`.
+
+    version 3 (Cell Ranger >= 3): group `matrix` with `features/{id,name,feature_type,genome}`;
+    version 2: one group per genome with `genes`, `gene_names`. var_names are the gene names,
+    var['gene_ids'] (or made-up Ensembl ids) the ids. Counts are stored as CSC over cells, int32.
+    """
+    import h5py
+
+    X = sp.csc_matrix(adata.X.T, dtype=np.int32)  # genes x cells, i.e. CSC over cells
+    names = np.asarray(adata.var_names.astype(str), dtype="S")
+    ids = np.asarray(_gene_ids(adata), dtype="S")
+    with h5py.File(path, "w") as f:
+        group = f.create_group("matrix" if version == 3 else genome)
+        group.create_dataset("data", data=X.data, compression="gzip")
+        group.create_dataset("indices", data=X.indices.astype(np.int64), compression="gzip")
+        group.create_dataset("indptr", data=X.indptr.astype(np.int64))
+        group.create_dataset("shape", data=np.array(X.shape, dtype=np.int32))
+        group.create_dataset("barcodes", data=np.asarray(adata.obs_names.astype(str), dtype="S"))
+        if version == 3:
+            f.attrs["filetype"], f.attrs["version"] = "matrix", 2
+            feats = group.create_group("features")
+            feats.create_dataset("id", data=ids)
+            feats.create_dataset("name", data=names)
+            feats.create_dataset("feature_type", data=np.full(adata.n_vars, b"Gene Expression"))
+            feats.create_dataset("genome", data=np.full(adata.n_vars, genome.encode()))
+            feats.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
+        else:
+            group.create_dataset("genes", data=ids)
+            group.create_dataset("gene_names", data=names)
+
+
+def write_10x_mtx(adata: ad.AnnData, folder, version: int = 3) -> None:
+    """Write X as a Cell Ranger MTX folder: v3 `matrix.mtx.gz`, `features.tsv.gz` (id, name,
+    'Gene Expression'), `barcodes.tsv.gz`; v2 uncompressed `matrix.mtx`, `genes.tsv` (id, name),
+    `barcodes.tsv`."""
+    import gzip
+
+    import scipy.io
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    gz = version == 3
+    opener = (lambda p: gzip.open(p, "wb")) if gz else (lambda p: open(p, "wb"))
+    ext = ".gz" if gz else ""
+    with opener(os.path.join(folder, f"matrix.mtx{ext}")) as fh:
+        scipy.io.mmwrite(fh, sp.coo_matrix(sp.csr_matrix(adata.X).T.astype(np.int64)), field="integer")
+    genes = pd.DataFrame({"id": _gene_ids(adata), "name": adata.var_names.astype(str)})
+    if version == 3:
+        genes["type"] = "Gene Expression"
+    genes.to_csv(os.path.join(folder, f"{'features' if version == 3 else 'genes'}.tsv{ext}"), sep="\t", header=False, index=False)
+    pd.Series(adata.obs_names.astype(str)).to_csv(os.path.join(folder, f"barcodes.tsv{ext}"), header=False, index=False)
+
+
+# The input layouts users have, by name: Cell Ranger outputs and .h5ad exports.
+INPUT_KINDS = {
+    "mtx_v3": "Cell Ranger >= 3 folder: matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz",
+    "mtx_v2": "Cell Ranger 2 folder: matrix.mtx, genes.tsv, barcodes.tsv",
+    "h5_v3": "Cell Ranger >= 3 filtered_feature_bc_matrix.h5",
+    "h5_v2": "Cell Ranger 2 filtered_gene_bc_matrices_h5.h5 (one group per genome)",
+    "plain": ".h5ad with CSR counts in X",
+    "csc_uint16": ".h5ad with CSC uint16 counts in X",
+    "dense_float64": ".h5ad with dense float64 counts in X",
+    "int64_in_counts_layer": ".h5ad with int64 counts in layers['counts'], log-normalised X (scanpy convention)",
+    "raw_only": ".h5ad with scaled values of half the genes in X, counts of all genes in .raw.X",
+    "normalised_only": ".h5ad without counts anywhere (log-normalised X): must be refused",
+}
+
+
+def _write_h5ad_variant(adata: ad.AnnData, path, kind: str) -> None:
+    """Write `adata` (integer counts in X) as one of the .h5ad layouts users have (see INPUT_KINDS)."""
+    import scanpy as sc
+
+    out = adata.copy()
+    if kind == "csc_uint16":
+        out.X = sp.csc_matrix(out.X.astype(np.uint16))
+    elif kind == "dense_float64":
+        out.X = out.X.toarray().astype(np.float64)
+    elif kind == "int64_in_counts_layer":  # scanpy convention: counts in a layer, X log-normalised
+        out.layers["counts"] = sp.csr_matrix(out.X.astype(np.int64))
+        sc.pp.normalize_total(out, target_sum=1e4)
+        sc.pp.log1p(out)
+    elif kind == "raw_only":  # an older scanpy/Seurat export: X scaled HVGs, counts of all genes in .raw
+        out.raw = out.copy()
+        sc.pp.normalize_total(out, target_sum=1e4)
+        sc.pp.log1p(out)
+        out = out[:, : out.n_vars // 2].copy()
+        out.X = out.X.toarray() - 0.5  # scaled values: negative, not counts
+    elif kind == "normalised_only":  # no counts anywhere: must be refused
+        sc.pp.normalize_total(out, target_sum=1e4)
+        sc.pp.log1p(out)
+    elif kind != "plain":
+        raise ValueError(kind)
+    out.write_h5ad(path)
+
+
+def write_input(adata: ad.AnnData, folder, kind: str) -> Path:
+    """Write one sample (integer counts in X) as one of INPUT_KINDS in `folder`; returns the path a
+    samplesheet names (a Cell Ranger folder or file, or an .h5ad)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind in ("mtx_v2", "mtx_v3"):
+        target = folder / "filtered_feature_bc_matrix"
+        write_10x_mtx(adata, target, version=int(kind[-1]))
+        return target
+    if kind in ("h5_v2", "h5_v3"):
+        target = folder / "filtered_feature_bc_matrix.h5"
+        write_10x_h5(adata, target, version=int(kind[-1]))
+        return target
+    target = folder / f"{kind}.h5ad"
+    _write_h5ad_variant(adata, target, kind)
+    return target

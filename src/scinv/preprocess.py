@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anndata as ad
@@ -13,6 +14,7 @@ import scipy.sparse as sp
 
 from .errors import ScinvInputError
 from .io import check_counts, read_counts, read_samplesheet
+from .labels import as_strings, normalize_labels
 
 log = logging.getLogger("scinv")
 
@@ -30,20 +32,23 @@ def load_input(
     annotations: str | None = None,
     unknown_label: str = "Unknown",
     staged_dir: str | None = None,
+    shown_as: str | None = None,
 ) -> ad.AnnData:
     """Read a samplesheet CSV (or a single .h5ad) into one AnnData with raw counts in layers['counts'].
 
     Samplesheet columns beyond sample/path become obs columns; cell ids are `<sample>_<barcode>`.
     `annotations` is an optional CSV keyed by `cell_id` whose other columns are joined into obs
-    (cells absent from it get `unknown_label`).
+    (cells absent from it get `unknown_label`). `shown_as`: the --input as the user wrote it
+    (Nextflow hands over a staged copy); error messages name it, not the copy.
     """
     path = Path(input_path)
     if path.suffix.lower() == ".h5ad":
-        adata = _load_single_h5ad(path, batch_key)
+        with _naming(str(path), shown_as):
+            adata = _load_single_h5ad(path, batch_key)
     elif path.suffix.lower() in (".csv", ".tsv", ".txt") or not path.suffix:
-        adata = _load_samplesheet(path, batch_key, staged_dir)
+        adata = _load_samplesheet(path, batch_key, staged_dir, shown_as)
     else:
-        raise ScinvInputError(f"{path}: --input must be a samplesheet .csv or an .h5ad file")
+        raise ScinvInputError(f"{shown_as or path}: --input must be a samplesheet .csv or an .h5ad file")
     if annotations:
         adata = _join_annotations(adata, Path(annotations), unknown_label)
     adata.layers["counts"] = adata.X.copy()
@@ -54,31 +59,43 @@ def _load_single_h5ad(path: Path, batch_key: str) -> ad.AnnData:
     adata = read_counts(path)  # keeps obs annotations of an .h5ad
     check_counts(adata.X, str(path))
     if "sample" not in adata.obs.columns:
-        adata.obs["sample"] = adata.obs[batch_key].astype(str) if batch_key in adata.obs.columns else path.stem
+        adata.obs["sample"] = as_strings(adata.obs[batch_key]).to_numpy() if batch_key in adata.obs.columns else path.stem
     if batch_key not in adata.obs.columns:
         raise ScinvInputError(f"{path}: obs column '{batch_key}' not found (obs: {list(adata.obs.columns)[:10]}); set --batch_key")
-    _check_unique_names(adata, str(path))
+    _make_names_unique(adata, str(path))
     return adata
 
 
-def _check_unique_names(adata: ad.AnnData, where: str) -> None:
-    if not adata.obs_names.is_unique:
-        dup = adata.obs_names[adata.obs_names.duplicated()][:3].tolist()
-        raise ScinvInputError(f"{where}: duplicated cell names {dup}; make obs_names unique")
-    if not adata.var_names.is_unique:
-        dup = adata.var_names[adata.var_names.duplicated()][:3].tolist()
-        raise ScinvInputError(f"{where}: duplicated gene names {dup}; make var_names unique (e.g. var_names_make_unique)")
+def _make_names_unique(adata: ad.AnnData, where: str) -> None:
+    """Merged exports repeat barcodes across samples and symbols across Ensembl ids: suffix them."""
+    for axis, names in (("cell", adata.obs_names), ("gene", adata.var_names)):
+        if not names.is_unique:
+            dup = names[names.duplicated()][:3].tolist()
+            log.warning("%s: %d duplicated %s names (e.g. %s) made unique with -1, -2 suffixes", where, int(names.duplicated().sum()), axis, dup)
+    adata.obs_names_make_unique()
+    adata.var_names_make_unique()
 
 
-def _load_samplesheet(path: Path, batch_key: str, staged_dir: str | None = None) -> ad.AnnData:
-    sheet = read_samplesheet(path, staged_dir)
+@contextlib.contextmanager
+def _naming(staged: str, shown: str | None):
+    """Re-raise input errors with the staged copy's path replaced by the name the user gave."""
+    try:
+        yield
+    except ScinvInputError as err:
+        if not shown or shown == staged:
+            raise
+        raise ScinvInputError(str(err).replace(staged, shown)) from err
+
+
+def _load_samplesheet(path: Path, batch_key: str, staged_dir: str | None = None, shown_as: str | None = None) -> ad.AnnData:
+    sheet = read_samplesheet(path, staged_dir, shown_as)
     extra = [c for c in sheet.columns if c not in ("sample", "path")]
     parts = []
     for row in sheet.itertuples(index=False):
         row = row._asdict()
-        adata = read_counts(row["path"])
-        check_counts(adata.X, row["path"])
-        adata.var_names_make_unique()
+        with _naming(row["path"], sheet.attrs["shown"].get(row["path"])):
+            adata = read_counts(row["path"])
+            check_counts(adata.X, row["path"])
         adata.obs_names = [f"{row['sample']}_{bc}" for bc in adata.obs_names]
         adata.obs = pd.DataFrame(index=adata.obs_names)
         adata.obs["sample"] = row["sample"]
@@ -95,7 +112,7 @@ def _load_samplesheet(path: Path, batch_key: str, staged_dir: str | None = None)
         merged.obs[col] = pd.Categorical(merged.obs[col].astype(str))
     if batch_key not in merged.obs.columns:
         raise ScinvInputError(f"{path}: --batch_key '{batch_key}' is not a samplesheet column (columns: {list(sheet.columns)}); add it or change --batch_key")
-    _check_unique_names(merged, str(path))
+    _make_names_unique(merged, str(path))
     merged.X = sp.csr_matrix(merged.X, dtype=np.float32)
     return merged
 
@@ -115,6 +132,18 @@ def _join_annotations(adata: ad.AnnData, path: Path, unknown_label: str) -> ad.A
     return adata
 
 
+def prepare_covariates(adata: ad.AnnData, batch_key: str, label_key: str | None, unknown_label: str, where: str) -> None:
+    """Batch and label columns as string categories (numeric ids keep the names users typed, 1.0 -> '1');
+    every unlabelled spelling becomes `unknown_label` (see :mod:`scinv.labels`). Missing batches are refused."""
+    batches = as_strings(adata.obs[batch_key])
+    if batches.isna().any() or (batches.str.strip() == "").any():
+        n = int((batches.isna() | (batches.fillna("").str.strip() == "")).sum())
+        raise ScinvInputError(f"{where}: {n} cells have no value in batch column '{batch_key}'; fill it in for every cell or set --batch_key")
+    adata.obs[batch_key] = pd.Categorical(batches.str.strip().to_numpy())
+    if label_key:
+        adata.obs[label_key] = normalize_labels(adata.obs[label_key], unknown_label)
+
+
 def check_obs_keys(adata: ad.AnnData, keys: list[str], where: str) -> None:
     for key in keys:
         if key and key not in adata.obs.columns:
@@ -125,10 +154,16 @@ def check_obs_keys(adata: ad.AnnData, keys: list[str], where: str) -> None:
 # QC
 
 
+# Cell thresholds made for whole-transcriptome 10x data. A targeted or pre-filtered panel detects
+# fewer genes and counts per cell, so unset thresholds scale with the panel (200 genes / 500 counts
+# at >= 10,000 genes; 10 / 25 for a 500-gene panel): otherwise QC would remove every cell.
+WHOLE_TRANSCRIPTOME = {"genes": 10_000, "min_genes": 200, "min_counts": 500}
+
+
 @dataclass
 class QCThresholds:
-    min_genes: int = 200
-    min_counts: int = 500
+    min_genes: int | None = None  # None: WHOLE_TRANSCRIPTOME's value, scaled for small panels
+    min_counts: int | None = None
     max_counts: float | None = None
     max_pct_mito: float = 20.0
     min_cells_per_gene: int = 3
@@ -146,12 +181,27 @@ def heldout_cells(obs: pd.DataFrame, batch_key: str, heldout: list[str], where: 
 
 
 def qc_metrics(adata: ad.AnnData, mito_pattern: str = MITO_PATTERN, ribo_pattern: str = RIBO_PATTERN) -> None:
-    """Per-cell total counts, genes, % mitochondrial and % ribosomal counts into obs (on layers['counts'])."""
+    """Per-cell total counts, genes, % mitochondrial and % ribosomal counts into obs (on layers['counts']).
+
+    Genes are matched by var['gene_symbols'] when present (Ensembl-id var_names), else by var_names;
+    the patterns cover human (MT-, RPS/RPL) and mouse (mt-, Rps/Rpl) symbols.
+    """
     import scanpy as sc
 
-    adata.var["mt"] = adata.var_names.str.contains(mito_pattern, regex=True)
-    adata.var["ribo"] = adata.var_names.str.contains(ribo_pattern, regex=True)
+    symbols = pd.Index(adata.var["gene_symbols"].astype(str)) if "gene_symbols" in adata.var else adata.var_names.astype(str)
+    adata.var["mt"] = symbols.str.contains(mito_pattern, regex=True)
+    adata.var["ribo"] = symbols.str.contains(ribo_pattern, regex=True)
     sc.pp.calculate_qc_metrics(adata, qc_vars=["mt", "ribo"], layer="counts", percent_top=None, log1p=False, inplace=True)
+
+
+def resolve_cell_thresholds(thr: QCThresholds, n_genes: int) -> QCThresholds:
+    """`thr` with unset min_genes/min_counts filled in for a panel of `n_genes` (see WHOLE_TRANSCRIPTOME)."""
+    scale = min(1.0, n_genes / WHOLE_TRANSCRIPTOME["genes"])
+    filled = {k: int(round(WHOLE_TRANSCRIPTOME[k] * scale)) for k in ("min_genes", "min_counts") if getattr(thr, k) is None}
+    if filled and scale < 1:
+        log.info("%d genes (a targeted or pre-filtered panel): %s scaled by %.3f; set them to override", n_genes,
+                 ", ".join(f"{k} {WHOLE_TRANSCRIPTOME[k]} -> {v}" for k, v in filled.items()), scale)
+    return replace(thr, **filled)
 
 
 def _per_sample_threshold(adata: ad.AnnData, column: str, default):
@@ -183,6 +233,7 @@ def run_qc(adata: ad.AnnData, thr: QCThresholds, batch_key: str = "batch", seed:
     if "sample" not in adata.obs.columns:  # .h5ad inputs written outside CHECK_INPUT
         adata.obs["sample"] = adata.obs[batch_key].astype(str) if batch_key in adata.obs.columns else "all"
     qc_metrics(adata)
+    thr = resolve_cell_thresholds(thr, adata.n_vars)
     reason = np.full(adata.n_obs, "", dtype=object)
 
     def flag(mask, name):
@@ -208,10 +259,13 @@ def run_qc(adata: ad.AnnData, thr: QCThresholds, batch_key: str = "batch", seed:
     if kept.n_obs == 0:
         raise ScinvInputError("QC removed every cell; relax --min_genes/--min_counts/--max_pct_mito (see the QC table)")
     empty = [s for s, n in table["kept"].items() if n == 0 and s != "total"]
-    if empty:
+    if empty:  # one failed sample should not stop an atlas; the QC table and report show it
+        log.warning("QC left zero cells in sample(s) %s: they are dropped and the other samples go on "
+                    "(relax their thresholds with per-sample columns min_genes, min_counts, max_pct_mito)", empty)
+    if batch_key in kept.obs and kept.obs[batch_key].nunique() < 2 <= adata.obs[batch_key].nunique():
         raise ScinvInputError(
-            f"QC left zero cells in sample(s) {empty}; drop them from the samplesheet or relax their thresholds "
-            "with per-sample columns (min_genes, min_counts, max_pct_mito)"
+            f"QC left cells in only one batch ({kept.obs[batch_key].iloc[0]}); integration needs two or more. "
+            "Relax the failing samples' thresholds with per-sample columns (min_genes, min_counts, max_pct_mito)"
         )
     n_genes_before = kept.n_vars
     import scanpy as sc
@@ -261,6 +315,118 @@ def qc_table(obs: pd.DataFrame) -> pd.DataFrame:
 # NORMALIZE
 
 
+# seurat_v3's loess (span 0.3 in scanpy) can be near-singular on pre-filtered or targeted-panel
+# genes ("There are other near singularities as well"); a wider span smooths over the clustered
+# means and fits (measured on a real 362-cell, 1,314-gene batch: 0.3 and 0.4 fail, 0.5 fits).
+SEURAT_V3_SPANS = (0.3, 0.5, 0.7)
+# skmisc's loess segfaults (not raises) on a handful of points: a batch of one cell has no varying
+# gene. Batches smaller than this, or with fewer varying genes, do not vote on the HVGs.
+MIN_HVG_BATCH_CELLS, MIN_HVG_VARYING_GENES = 10, 50
+COUNT_FLAVORS = ("seurat_v3", "pearson_residuals")  # work on raw counts; the others on log-normalised X
+
+
+def select_hvgs(adata: ad.AnnData, n_top_genes: int, batch_key: str | None, flavor: str) -> dict:
+    """Mark `n_top_genes` highly variable genes in `adata.var['highly_variable']`; never fails on real data.
+
+    Raw counts are read from layers['counts'], log-normalised values from X. When every gene is
+    asked for, all are kept. seurat_v3 retries with wider loess spans (SEURAT_V3_SPANS) and then
+    falls back to flavor 'seurat' (batch-aware, then without batches). Returns what was done:
+    {'requested', 'flavor', 'span', 'fallback'} (fallback: the reason in words, or '').
+    """
+    import scanpy as sc
+
+    record = {"requested": flavor, "flavor": flavor, "span": None, "fallback": ""}
+    if n_top_genes >= adata.n_vars:
+        log.info("n_top_genes %d >= %d genes: keeping all genes", n_top_genes, adata.n_vars)
+        adata.var["highly_variable"] = True
+        record["flavor"] = "all genes"
+        return record
+    voters = _hvg_voters(adata, batch_key)
+    if not voters.any():  # no batch big enough: one fit over all cells
+        log.warning("HVG: no batch has %d cells and %d varying genes; HVGs chosen without batches", MIN_HVG_BATCH_CELLS, MIN_HVG_VARYING_GENES)
+        batch_key = None
+    elif not voters.all():
+        # HVGs from the batches that can vote; the others keep every gene's annotation as computed there
+        sub = adata[voters].copy()
+        record = select_hvgs(sub, n_top_genes, batch_key if sub.obs[batch_key].nunique() > 1 else None, flavor)
+        for col in sub.var.columns.difference(adata.var.columns).union(["highly_variable"]):
+            adata.var[col] = sub.var[col]
+        left_out = sorted(set(adata.obs[batch_key].astype(str)) - set(sub.obs[batch_key].astype(str)))
+        note = f"batches {left_out} too small to vote on HVGs (< {MIN_HVG_BATCH_CELLS} cells or < {MIN_HVG_VARYING_GENES} varying genes)"
+        log.warning("HVG: %s", note)
+        record["fallback"] = "; ".join(x for x in (note, record["fallback"]) if x)
+        return record
+    failures = []
+    if flavor == "seurat_v3" and _n_varying_genes(adata.layers["counts"]) < MIN_HVG_VARYING_GENES:
+        failures.append(("seurat_v3", f"fewer than {MIN_HVG_VARYING_GENES} genes vary, too few for its loess"))
+        flavor = "seurat"
+        record["flavor"] = flavor
+    if flavor == "pearson_residuals":
+        sc.experimental.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, batch_key=batch_key, layer="counts")
+        return record
+    if flavor == "seurat_v3":
+        for span in SEURAT_V3_SPANS:
+            try:
+                sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat_v3", batch_key=batch_key, layer="counts", span=span)
+                record["span"] = span
+                if failures:
+                    record["fallback"] = f"seurat_v3 loess failed with span {failures[0][0]} ({failures[0][1]}); fitted with span {span}"
+                    log.warning("HVG: %s", record["fallback"])
+                return record
+            except (ValueError, np.linalg.LinAlgError) as err:
+                failures.append((span, _first_line(err)))
+        record["flavor"] = "seurat"
+    for bk in dict.fromkeys([batch_key, None]):
+        try:
+            sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor=record["flavor"], batch_key=bk)
+            break
+        except (ValueError, np.linalg.LinAlgError, IndexError) as err:
+            if bk is None:
+                raise ScinvInputError(f"HVG selection failed on every flavour ({_first_line(err)}); check that the counts vary across cells") from err
+            failures.append((f"{record['flavor']} per batch", _first_line(err)))
+            record["flavor"] += " (without batches)"
+    _keep_top(adata.var, n_top_genes)
+    if failures:
+        tried = "; ".join(f"{what}: {why}" for what, why in failures)
+        record["fallback"] = f"{record['requested']} could not be fitted ({tried}); used {record['flavor']} instead"
+        log.warning("HVG: %s", record["fallback"])
+    return record
+
+
+def _keep_top(var: pd.DataFrame, n_top_genes: int) -> None:
+    """Flavour 'seurat' marks every gene tied at the cut-off; keep exactly `n_top_genes` by its own ranking."""
+    hv = var["highly_variable"].to_numpy(bool)
+    if hv.sum() <= n_top_genes or "dispersions_norm" not in var:
+        return
+    keys = [c for c in ("highly_variable_nbatches", "dispersions_norm") if c in var]
+    ranked = var.loc[hv].sort_values(keys, ascending=False, kind="stable").index[:n_top_genes]
+    var["highly_variable"] = var.index.isin(ranked)
+
+
+def _n_varying_genes(X) -> int:
+    X = sp.csr_matrix(X)
+    mean = np.asarray(X.mean(0)).ravel()
+    return int((np.asarray(X.multiply(X).mean(0)).ravel() - mean**2 > 1e-12).sum())
+
+
+def _hvg_voters(adata: ad.AnnData, batch_key: str | None) -> np.ndarray:
+    """(n_cells,) bool: cells of batches big enough for a per-batch HVG fit (all cells without batches)."""
+    if not batch_key:
+        return np.ones(adata.n_obs, dtype=bool)
+    batches = adata.obs[batch_key].astype(str).to_numpy()
+    ok = np.ones(adata.n_obs, dtype=bool)
+    for b in np.unique(batches):
+        idx = batches == b
+        if idx.sum() < MIN_HVG_BATCH_CELLS or _n_varying_genes(adata.layers["counts"][idx]) < MIN_HVG_VARYING_GENES:
+            ok[idx] = False
+    return ok
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().strip("b'\"") or type(err).__name__
+    return text.splitlines()[0][:160]
+
+
 def normalize_and_select(
     adata: ad.AnnData,
     n_top_genes: int = 2000,
@@ -270,29 +436,23 @@ def normalize_and_select(
     n_pcs: int = 50,
     seed: int = 0,
 ) -> ad.AnnData:
-    """normalize_total + log1p into X, batch-aware HVGs on counts, subset to HVGs, PCA.
+    """normalize_total + log1p into X, batch-aware HVGs (:func:`select_hvgs`), subset to HVGs, PCA.
 
     Returns the HVG subset with raw counts in layers['counts'] (what the model trains on),
-    log-normalised values in X and the unintegrated PCA in obsm['X_pca'].
-    flavor 'pearson_residuals' puts residuals (computed on the HVGs only) in layers['pearson'].
+    log-normalised values in X and the unintegrated PCA in obsm['X_pca']. What the HVG step did
+    (flavour used, fallback) is in uns['scinv_normalize']['hvg'] for the report.
     """
     import scanpy as sc
 
     n_top_genes = min(n_top_genes, adata.n_vars)
     bk = batch_key if batch_key and adata.obs[batch_key].nunique() > 1 else None
-    if flavor in ("seurat_v3", "pearson_residuals"):
-        hv_flavor = "seurat_v3" if flavor == "seurat_v3" else "pearson_residuals"
-        sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor=hv_flavor, batch_key=bk, layer="counts", subset=False)
     adata.X = adata.layers["counts"].copy()
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
-    if flavor not in ("seurat_v3", "pearson_residuals"):
-        sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor=flavor, batch_key=bk, subset=False)
+    hvg_record = select_hvgs(adata, n_top_genes, bk, flavor)
     hvg = adata[:, adata.var["highly_variable"].to_numpy()].copy()
-    if flavor == "pearson_residuals":
-        hvg.layers["pearson"] = sc.experimental.pp.normalize_pearson_residuals(hvg, layer="counts", inplace=False)["X"]
     n_comps = max(2, min(n_pcs, hvg.n_obs - 1, hvg.n_vars - 1))
     sc.pp.pca(hvg, n_comps=n_comps, random_state=seed)
-    hvg.uns["scinv_normalize"] = {"n_top_genes": int(n_top_genes), "flavor": flavor, "batch_key": str(bk), "target_sum": float(target_sum)}
+    hvg.uns["scinv_normalize"] = {"n_top_genes": int(n_top_genes), "flavor": flavor, "batch_key": str(bk), "target_sum": float(target_sum),
+                                  "hvg": {k: ("" if v is None else v) for k, v in hvg_record.items()}}
     return hvg
-

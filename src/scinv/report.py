@@ -15,12 +15,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .labels import unlabelled  # noqa: E402
+
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;color:#222;padding:0 1em}
 h1{border-bottom:3px solid #3b6ea5;padding-bottom:.3em} h2{color:#3b6ea5;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:1em 0;font-size:13px} th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#eef3f9} td:first-child,th:first-child{text-align:left} figure{margin:1em 0} img{max-width:100%}
 figcaption{color:#555;font-size:13px} .note{color:#555;font-size:13px} .kv td{text-align:left} nav a{margin-right:1em}
+.warn{background:#fff4e5;border-left:4px solid #e8a33d;padding:6px 10px}
 """
 PALETTE = plt.get_cmap("tab20").colors
 
@@ -141,7 +144,7 @@ def confusion_figure(true: pd.Series, pred: pd.Series) -> str:
 def _prediction_section(adata, label_key: str, batch_key: str, transfer: pd.DataFrame | None, heldout: list[str], unknown_label: str) -> str:
     """Confusion matrix of the invariant predictor: on the held-out batches when there are any."""
     obs = adata.obs
-    cells = obs[label_key].notna() & (obs[label_key].astype(str) != unknown_label)
+    cells = ~unlabelled(obs[label_key], unknown_label)
     if heldout and batch_key in obs:
         cells &= obs[batch_key].astype(str).isin(heldout)
         scope = f"the held-out batches ({html.escape(', '.join(heldout))}), whose labels training never saw"
@@ -186,9 +189,15 @@ def build_report(
         body = qc_violins(qc_obs) + qc_scatter(qc_obs)
         if qc_summary is not None:
             body += "<h3>Cells kept and removed per sample and reason</h3>" + table_html(qc_summary, "{:.0f}")
+            dropped = [str(s) for s, n in qc_summary["kept"].items() if n == 0 and s != "total"]
+            if dropped:
+                body += f"<p class='warn'>Warning: QC kept no cell of sample(s) {html.escape(', '.join(dropped))}; they are left out of everything below.</p>"
         sections.append(("Quality control", body))
     hv = adata.uns.get("scinv_normalize", {})
-    hv_text = f"{adata.n_vars} highly variable genes ({html.escape(str(hv.get('flavor', '?')))}, batch key {html.escape(str(hv.get('batch_key', '?')))}) on raw counts; the model is trained on their raw counts."
+    used = hv.get("hvg", {}).get("flavor") or hv.get("flavor", "?")
+    hv_text = f"{adata.n_vars} highly variable genes ({html.escape(str(used))}, batch key {html.escape(str(hv.get('batch_key', '?')))}); the model is trained on their raw counts."
+    if hv.get("hvg", {}).get("fallback"):
+        hv_text += f"</p><p class='warn'>Warning: {html.escape(str(hv['hvg']['fallback']))}."
     if "highly_variable_nbatches" in adata.var:
         nb = adata.var["highly_variable_nbatches"].value_counts().sort_index()
         hv_text += " Genes selected in n batches: " + ", ".join(f"{int(k)}: {int(v)}" for k, v in nb.items()) + "."
