@@ -153,14 +153,26 @@ def test_check_input_refuses_a_single_batch(tmp_path, small_adata):
     assert not (tmp_path / "o.h5ad").exists()
 
 
-def test_qc_names_the_sample_left_with_zero_cells(tmp_path, small_adata):
+def test_qc_drops_a_sample_left_with_zero_cells_and_goes_on(tmp_path, small_adata):
     # a per-sample threshold (samplesheet column) that no cell of batch b1 can meet
     small_adata.obs["min_genes"] = (small_adata.obs["batch"] == "b1").map({True: 10**6, False: 10}).astype(float)
+    small_adata.obs["sample"] = small_adata.obs["batch"]
+    write_h5ad(small_adata, tmp_path / "m.h5ad")
+    res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-counts", "1"))
+    assert res.returncode == 0, res.stderr
+    assert "WARNING QC left zero cells in sample(s) ['b1']: they are dropped" in res.stderr and "Traceback" not in res.stderr
+    kept = ad.read_h5ad(tmp_path / "q.h5ad")
+    assert set(kept.obs["batch"]) == {"b0", "b2"} and kept.n_obs == (small_adata.obs["batch"] != "b1").sum()
+    table = pd.read_csv(tmp_path / "s.csv", index_col=0)
+    assert table.loc["b1", "kept"] == 0 and table.loc["b1", "low_genes"] == (small_adata.obs["batch"] == "b1").sum()
+
+
+def test_qc_stops_when_only_one_batch_is_left(tmp_path, small_adata):
+    small_adata.obs["min_genes"] = (small_adata.obs["batch"] == "b0").map({True: 10, False: 10**6}).astype(float)
     write_h5ad(small_adata, tmp_path / "m.h5ad")
     res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-counts", "1"))
     assert res.returncode == 2
-    line = one_error_line(res.stderr)
-    assert "zero cells in sample(s) ['b1']" in line and "drop them from the samplesheet" in line
+    assert "QC left cells in only one batch (b0)" in one_error_line(res.stderr)
     assert not list(tmp_path.glob("q.h5ad*")) and not (tmp_path / "s.csv").exists()
 
 

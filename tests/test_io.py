@@ -53,7 +53,7 @@ def test_missing_samplesheet(tmp_path):
 def test_wrong_file_type_and_truncated_files(tmp_path):
     txt = tmp_path / "x.txt"
     txt.write_text("hello")
-    with pytest.raises(ScinvInputError, match="unsupported file type"):
+    with pytest.raises(ScinvInputError, match="unsupported input"):
         read_counts(txt)
     fake = tmp_path / "x.h5ad"
     fake.write_text("not hdf5")
@@ -106,12 +106,14 @@ def test_h5ad_input_with_annotations_and_missing_batch(tmp_path, small_adata):
         load_input(str(path), batch_key="donor")
 
 
-def test_duplicate_cell_names_refused(tmp_path, small_adata):
-    small_adata.obs_names = ["same"] * small_adata.n_obs
+def test_duplicate_cell_names_are_made_unique_with_a_warning(tmp_path, small_adata, caplog):
+    # merged exports repeat 10x barcodes across samples
+    small_adata.obs_names = ["AAAC-1"] * small_adata.n_obs
     path = tmp_path / "dup.h5ad"
     small_adata.write_h5ad(path)
-    with pytest.raises(ScinvInputError, match="duplicated cell names"):
-        load_input(str(path))
+    adata = load_input(str(path))
+    assert adata.obs_names.is_unique and list(adata.obs_names[:2]) == ["AAAC-1", "AAAC-1-1"]
+    assert "599 duplicated cell names" in caplog.text
 
 
 def test_normalised_h5ad_refused(tmp_path, small_adata):
@@ -119,7 +121,7 @@ def test_normalised_h5ad_refused(tmp_path, small_adata):
     small_adata.X = small_adata.X / 3.0
     path = tmp_path / "norm.h5ad"
     small_adata.write_h5ad(path)
-    with pytest.raises(ScinvInputError, match="non-integer"):
+    with pytest.raises(ScinvInputError, match="no raw integer counts found"):
         load_input(str(path))
 
 
