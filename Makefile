@@ -8,12 +8,14 @@ STAMP      := $(VENV)/.installed
 OUTDIR     ?= results
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast docker-build docker-test nextflow example-data wheelhouse clean help
+.PHONY: setup demo test test-fast lint format docker-build docker-test nextflow example-data wheelhouse clean help
 
 help:
 	@echo "make demo   - set up, then run the pipeline on the bundled data (-profile test)"
 	@echo "make test   - set up, then run the whole test suite (includes real Nextflow runs)"
 	@echo "make setup  - create .venv with pinned packages and install the pinned Nextflow"
+	@echo "make lint   - ruff lint and format check (what CI runs)"
+	@echo "make format - apply ruff's fixes and formatting"
 	@echo "make docker-test - build the CPU image and run -profile test,docker against a local run"
 
 setup: $(STAMP) nextflow example-data
@@ -47,6 +49,15 @@ demo: setup
 
 test: setup
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# ruff (pinned in the test extra) configured in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 docker-build:
 	containers/build.sh

@@ -4,6 +4,7 @@ Read from /proc/self/status (VmHWM: the high-water mark of this process image). 
 getrusage().ru_maxrss: on Linux that survives fork + exec, so a child started by a parent that
 held the benchmark data would report the parent's peak.
 """
+
 import resource
 
 

@@ -44,20 +44,34 @@ def main() -> None:
     rows = []
     for mixed in (True, False):
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
-            model = InVAE(adata, layer="counts", batch_key="batch", label_key="cell_type", n_latent_inv=20, n_latent_spur=5,
-                          n_hidden=128, n_layers=2)
+            model = InVAE(adata, layer="counts", batch_key="batch", label_key="cell_type", n_latent_inv=20, n_latent_spur=5, n_hidden=128, n_layers=2)
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            hist = model.train(max_epochs=args.epochs, batch_size=bs, validation_fraction=0.0, early_stopping_patience=0,
-                               kl_warmup_epochs=1, seed=0, device=args.device, mixed_precision=mixed, log_every=args.epochs)
+            hist = model.train(
+                max_epochs=args.epochs,
+                batch_size=bs,
+                validation_fraction=0.0,
+                early_stopping_patience=0,
+                kl_warmup_epochs=1,
+                seed=0,
+                device=args.device,
+                mixed_precision=mixed,
+                log_every=args.epochs,
+            )
             t0 = time.perf_counter()
             model.get_latent_representation(adata, "full", batch_size=8192)
             infer = time.perf_counter() - t0
             best = min(h["seconds"] for h in hist)
-            row = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "cells": args.cells,
-                   "batch_size": bs, "mixed_precision": mixed, "seconds_per_epoch": round(best, 2),
-                   "cells_per_s": round(args.cells / best), "inference_cells_per_s": round(args.cells / infer),
-                   "final_loss": round(hist[-1]["train_loss"], 2)}
+            row = {
+                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                "cells": args.cells,
+                "batch_size": bs,
+                "mixed_precision": mixed,
+                "seconds_per_epoch": round(best, 2),
+                "cells_per_s": round(args.cells / best),
+                "inference_cells_per_s": round(args.cells / infer),
+                "final_loss": round(hist[-1]["train_loss"], 2),
+            }
             if args.device.startswith("cuda"):
                 row["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             rows.append(row)

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from _rss import peak_rss_gb  # benchmarks/_rss.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +43,40 @@ def run_scinv(args) -> None:
 
     torch.set_num_threads(args.threads)
     ref = ad.read_h5ad(args.input)
-    model = InVAE(ref, layer="counts", batch_key="batch", label_key="cell_type", n_latent_inv=20, n_latent_spur=5,
-                  n_hidden=128, n_layers=2, prior_mode=args.prior_mode, classifier_weight=args.classifier_weight)
+    model = InVAE(
+        ref,
+        layer="counts",
+        batch_key="batch",
+        label_key="cell_type",
+        n_latent_inv=20,
+        n_latent_spur=5,
+        n_hidden=128,
+        n_layers=2,
+        prior_mode=args.prior_mode,
+        classifier_weight=args.classifier_weight,
+    )
     t0 = time.perf_counter()
-    hist = model.train(max_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, log_every=max(1, args.epochs // 5),
-                       early_stopping_patience=0, validation_fraction=0.0 if args.timing else 0.1, kl_warmup_epochs=min(20, args.epochs // 4))
+    hist = model.train(
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        log_every=max(1, args.epochs // 5),
+        early_stopping_patience=0,
+        validation_fraction=0.0 if args.timing else 0.1,
+        kl_warmup_epochs=min(20, args.epochs // 4),
+    )
     seconds = time.perf_counter() - t0
     epoch_times = [h["seconds"] for h in hist]
-    result = {"tool": "scinv", "epochs": len(hist), "seconds": seconds, "seconds_per_epoch": float(np.median(epoch_times)),
-              "cells": ref.n_obs, "params": sum(p.numel() for p in model.module.parameters()), "threads": args.threads,
-              "batch_size": args.batch_size}
+    result = {
+        "tool": "scinv",
+        "epochs": len(hist),
+        "seconds": seconds,
+        "seconds_per_epoch": float(np.median(epoch_times)),
+        "cells": ref.n_obs,
+        "params": sum(p.numel() for p in model.module.parameters()),
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.query:
@@ -89,12 +112,26 @@ def run_scvi(args) -> None:
             times.append(time.perf_counter() - self.t0)
 
     t0 = time.perf_counter()
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=1.0, early_stopping=False,
-                enable_progress_bar=False, callbacks=[EpochTimer()], accelerator="cpu")
-    result = {"tool": f"scvi-tools {scvi.__version__}", "epochs": len(times), "seconds": time.perf_counter() - t0,
-              "seconds_per_epoch": float(np.median(times)), "cells": adata.n_obs,
-              "params": sum(p.numel() for p in model.module.parameters()), "threads": args.threads,
-              "batch_size": args.batch_size, "peak_rss_gb": peak_rss_gb()}
+    model.train(
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        train_size=1.0,
+        early_stopping=False,
+        enable_progress_bar=False,
+        callbacks=[EpochTimer()],
+        accelerator="cpu",
+    )
+    result = {
+        "tool": f"scvi-tools {scvi.__version__}",
+        "epochs": len(times),
+        "seconds": time.perf_counter() - t0,
+        "seconds_per_epoch": float(np.median(times)),
+        "cells": adata.n_obs,
+        "params": sum(p.numel() for p in model.module.parameters()),
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "peak_rss_gb": peak_rss_gb(),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))
@@ -145,8 +182,12 @@ def scib_totals(z_ref, z_query, obs, pca) -> dict:
     adata.obsm["X_emb"] = np.vstack([z_ref, z_query]).astype(np.float32)
     adata.obsm["X_pca"] = pca
     df = run_scib(adata, ["X_emb"], "batch", "cell_type", "fast", "X_pca", 0, n_jobs=2)
-    return {"scib_total": float(df.loc["X_emb", "Total"]), "scib_bio": float(df.loc["X_emb", "Bio conservation"]),
-            "scib_batch": float(df.loc["X_emb", "Batch correction"]), "scib_total_published": float(df.loc["X_emb", "Total (published)"])}
+    return {
+        "scib_total": float(df.loc["X_emb", "Total"]),
+        "scib_bio": float(df.loc["X_emb", "Bio conservation"]),
+        "scib_batch": float(df.loc["X_emb", "Batch correction"]),
+        "scib_total_published": float(df.loc["X_emb", "Total (published)"]),
+    }
 
 
 def main() -> None:
@@ -195,8 +236,16 @@ def main() -> None:
     if args.h5ad:
         adata = ad.read_h5ad(args.h5ad)
     else:
-        adata = synthetic_counts(n_cells=args.cells, n_genes=args.genes, n_batches=4, n_types=8, seed=0,
-                                 type_strength=args.type_strength, batch_strength=args.batch_strength, marker_fraction=0.05)
+        adata = synthetic_counts(
+            n_cells=args.cells,
+            n_genes=args.genes,
+            n_batches=4,
+            n_types=8,
+            seed=0,
+            type_strength=args.type_strength,
+            batch_strength=args.batch_strength,
+            marker_fraction=0.05,
+        )
     adata.obs["batch"] = adata.obs["batch"].astype(str)
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
     qb = args.query_batch or sorted(adata.obs["batch"].unique())[-1]
@@ -213,8 +262,10 @@ def main() -> None:
 
     scvi_cmd = None if args.no_scvi else [sys.executable, str(Path(__file__).resolve()), "--run-scvi"]
     for threads in [] if args.skip_speed else [int(s) for s in args.speed_threads.split(",")]:
-        print(f"speed: {adata.n_obs} cells x {adata.n_vars} genes, {args.timing_epochs} epochs, {threads} thread(s), "
-              f"{args.speed_rounds} interleaved round(s)", flush=True)
+        print(
+            f"speed: {adata.n_obs} cells x {adata.n_vars} genes, {args.timing_epochs} epochs, {threads} thread(s), {args.speed_rounds} interleaved round(s)",
+            flush=True,
+        )
         common = ["--input", str(work / "all.h5ad"), "--epochs", str(args.timing_epochs), "--threads", str(threads)]
         configs = [(f"speed scinv (batch {bs}, {threads} thr)", me + common + ["--timing", "--batch-size", str(bs)]) for bs in (256, 512)]
         if invae:
@@ -236,12 +287,27 @@ def main() -> None:
         scinv_runs = runs[configs[0][0]]
         for name, results in list(runs.items())[2:]:
             ratios = [r["seconds_per_epoch"] / s["seconds_per_epoch"] for r, s in zip(results, scinv_runs)]
-            print(f"scinv (batch 256) is {np.median(ratios):.2f}x faster per epoch than {name.split(' (')[0][6:]} "
-                  f"(median of {len(ratios)} paired rounds: {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
-            rows.append({"run": f"speedup vs {name[6:]}", "speedup_median": float(np.median(ratios)),
-                         "speedup_min": min(ratios), "speedup_max": max(ratios), "rounds": len(ratios)})
-        print(pd.DataFrame(rows).set_index("run")[["seconds_per_epoch", "seconds_per_epoch_min", "cells_per_second", "params",
-                                                   "peak_rss_gb"]].dropna(how="all").round(3), flush=True)
+            print(
+                f"scinv (batch 256) is {np.median(ratios):.2f}x faster per epoch than {name.split(' (')[0][6:]} "
+                f"(median of {len(ratios)} paired rounds: {', '.join(f'{x:.2f}' for x in ratios)})",
+                flush=True,
+            )
+            rows.append(
+                {
+                    "run": f"speedup vs {name[6:]}",
+                    "speedup_median": float(np.median(ratios)),
+                    "speedup_min": min(ratios),
+                    "speedup_max": max(ratios),
+                    "rounds": len(ratios),
+                }
+            )
+        print(
+            pd.DataFrame(rows)
+            .set_index("run")[["seconds_per_epoch", "seconds_per_epoch_min", "cells_per_second", "params", "peak_rss_gb"]]
+            .dropna(how="all")
+            .round(3),
+            flush=True,
+        )
 
     if not args.skip_quality:
         sc.pp.normalize_total(adata, target_sum=1e4)
@@ -253,8 +319,18 @@ def main() -> None:
         pca = np.vstack([adata.obsm["X_pca"][is_ref], adata.obsm["X_pca"][~is_ref]])
         embeddings = {"PCA": (adata.obsm["X_pca"][is_ref], adata.obsm["X_pca"][~is_ref], {})}
         for seed in [int(s) for s in args.seeds.split(",")]:
-            q = ["--input", str(work / "ref.h5ad"), "--query", str(work / "query.h5ad"), "--epochs", str(args.epochs),
-                 "--threads", str(args.threads), "--seed", str(seed)]
+            q = [
+                "--input",
+                str(work / "ref.h5ad"),
+                "--query",
+                str(work / "query.h5ad"),
+                "--epochs",
+                str(args.epochs),
+                "--threads",
+                str(args.threads),
+                "--seed",
+                str(seed),
+            ]
             runs = [("scinv (learned-mean prior)", me + q + ["--prior-mode", "mean"])]
             if invae:
                 runs += [("invae default (variance prior)", invae + q), ("invae learned-mean prior", invae + q + ["--learned-mean"])]
@@ -263,8 +339,7 @@ def main() -> None:
                 r = child(cmd + ["--out", str(out)], out.with_suffix(".log"))
                 embeddings[f"{name} seed {seed}"] = (np.load(out / "latent_reference.npy"), np.load(out / "latent_query.npy"), r)
         for name, (zr, zq, r) in embeddings.items():
-            row = {"run": f"quality {name}", **knn_transfer(zr, y_ref, zq, y_q),
-                   "batch_entropy": batch_entropy(np.vstack([zr, zq]), obs["batch"].to_numpy())}
+            row = {"run": f"quality {name}", **knn_transfer(zr, y_ref, zq, y_q), "batch_entropy": batch_entropy(np.vstack([zr, zq]), obs["batch"].to_numpy())}
             if "predictor_query_accuracy" in r:
                 row["predictor_query_accuracy"] = r["predictor_query_accuracy"]
             if args.scib:

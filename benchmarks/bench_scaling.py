@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-
 from _rss import peak_rss_gb  # benchmarks/_rss.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,19 +37,24 @@ def run_child(args) -> None:
     t0 = time.perf_counter()
     model = InVAE(adata, layer=None, batch_key="batch", label_key="cell_type", n_latent_inv=20, n_latent_spur=5, n_hidden=128, n_layers=2)
     setup = time.perf_counter() - t0
-    hist = model.train(max_epochs=args.epochs, batch_size=256, validation_fraction=0.0, early_stopping_patience=0,
-                       kl_warmup_epochs=1, seed=0, log_every=1)
+    hist = model.train(max_epochs=args.epochs, batch_size=256, validation_fraction=0.0, early_stopping_patience=0, kl_warmup_epochs=1, seed=0, log_every=1)
     t1 = time.perf_counter()
     z = model.get_latent_representation(adata, "full")
     infer = time.perf_counter() - t1
-    print(json.dumps({
-        "cells": adata.n_obs, "setup_s": round(setup, 1),
-        "seconds_per_epoch": round(min(h["seconds"] for h in hist), 1),
-        "cells_per_s_train": round(adata.n_obs / min(h["seconds"] for h in hist)),
-        "inference_s": round(infer, 1), "cells_per_s_inference": round(adata.n_obs / infer),
-        "latent_shape": list(z.shape),
-        "peak_rss_gb": round(peak_rss_gb(), 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "cells": adata.n_obs,
+                "setup_s": round(setup, 1),
+                "seconds_per_epoch": round(min(h["seconds"] for h in hist), 1),
+                "cells_per_s_train": round(adata.n_obs / min(h["seconds"] for h in hist)),
+                "inference_s": round(infer, 1),
+                "cells_per_s_inference": round(adata.n_obs / infer),
+                "latent_shape": list(z.shape),
+                "peak_rss_gb": round(peak_rss_gb(), 2),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -76,8 +80,11 @@ def main() -> None:
             t0 = time.perf_counter()
             write_synthetic_h5ad(path, n_cells=n, n_genes=2000, n_batches=4, n_types=8, seed=0)
             print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s", flush=True)
-        res = subprocess.run([sys.executable, __file__, "--child", "--input", str(path), "--epochs", str(args.epochs),
-                              "--threads", str(args.threads)], capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, __file__, "--child", "--input", str(path), "--epochs", str(args.epochs), "--threads", str(args.threads)],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode:
             sys.exit(res.stderr[-3000:])
         row = json.loads(res.stdout.strip().splitlines()[-1])

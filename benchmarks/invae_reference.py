@@ -7,6 +7,7 @@ Runs inside its own virtual environment (invae pins anndata 0.8 and needs numpy<
 
 Called by benchmarks/bench_model.py; not imported by scinv.
 """
+
 import argparse
 import json
 import time
@@ -15,9 +16,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
-from torch import optim
-
 from _rss import peak_rss_gb  # benchmarks/_rss.py (this script's folder is on sys.path)
+from torch import optim
 
 
 class _QuietPlateau(optim.lr_scheduler.ReduceLROnPlateau):
@@ -53,19 +53,33 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     adata = ad.read_h5ad(a.input)
     model = FinVAE(
-        adata=adata, layer="counts",
-        inv_covar_keys={"cont": [], "cat": [a.label_key]}, spur_covar_keys={"cont": [], "cat": [a.batch_key]},
-        latent_dim_inv=a.latent_inv, latent_dim_spur=a.latent_spur, n_layers=2, hidden_dim=128,
-        fix_mean_prior=not a.learned_mean, fix_var_prior=a.learned_mean, batch_size=256, device="cpu",
+        adata=adata,
+        layer="counts",
+        inv_covar_keys={"cont": [], "cat": [a.label_key]},
+        spur_covar_keys={"cont": [], "cat": [a.batch_key]},
+        latent_dim_inv=a.latent_inv,
+        latent_dim_spur=a.latent_spur,
+        n_layers=2,
+        hidden_dim=128,
+        fix_mean_prior=not a.learned_mean,
+        fix_var_prior=a.learned_mean,
+        batch_size=256,
+        device="cpu",
     )
     n_params = sum(p.numel() for p in model.module.parameters())
     t0 = time.perf_counter()
     model.train(n_epochs=a.epochs, lr_train=1e-3, weight_decay=1e-4, print_every_n_epochs=1)
     seconds = time.perf_counter() - t0
     result = {
-        "tool": "invae 0.1.0", "epochs": a.epochs, "seconds": seconds, "seconds_per_epoch": seconds / a.epochs,
-        "cells": adata.n_obs, "cells_per_second": adata.n_obs * a.epochs / seconds, "params": n_params,
-        "peak_rss_gb": peak_rss_gb(), "threads": a.threads,
+        "tool": "invae 0.1.0",
+        "epochs": a.epochs,
+        "seconds": seconds,
+        "seconds_per_epoch": seconds / a.epochs,
+        "cells": adata.n_obs,
+        "cells_per_second": adata.n_obs * a.epochs / seconds,
+        "params": n_params,
+        "peak_rss_gb": peak_rss_gb(),
+        "threads": a.threads,
     }
     np.save(out / "latent_reference.npy", model.get_latent_representation(latent_type="inv", verbose=False))
     if a.query:

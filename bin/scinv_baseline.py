@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """BASELINE_*: a reference integration (Harmony or scVI) as a parquet table keyed by cell_id."""
+
 import anndata as ad
 import click
 import pandas as pd
@@ -32,8 +33,9 @@ def main(method, input_path, output, batch_key, n_latent, n_hidden, n_layers, ma
     if method == "harmony":
         z = harmony_embedding(adata, batch_key, seed=seed, threads=threads)
     else:
-        z = scvi_embedding(adata, batch_key, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
-                           max_epochs=max_epochs or None, seed=seed, accelerator=device)
+        z = scvi_embedding(
+            adata, batch_key, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, max_epochs=max_epochs or None, seed=seed, accelerator=device
+        )
     table = pd.DataFrame(z, index=pd.Index(adata.obs_names, name="cell_id"), columns=[f"{method}_{i}" for i in range(z.shape[1])])
     write_table(table, output)
     click.echo(f"BASELINE: {method} embedding {z.shape[0]} cells x {z.shape[1]} dims -> {output}", err=True)

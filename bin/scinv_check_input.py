@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """CHECK_INPUT: validate the samplesheet (or .h5ad) and its files; merge into one AnnData."""
+
 import click
 
 from scinv.cli import key_list, step
@@ -9,7 +10,9 @@ from scinv.preprocess import check_obs_keys, load_input, prepare_covariates
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--input", "input_path", required=True, type=click.Path(), help="Samplesheet CSV (sample,path[,batch][,extra obs columns]) or an .h5ad with raw counts.")
+@click.option(
+    "--input", "input_path", required=True, type=click.Path(), help="Samplesheet CSV (sample,path[,batch][,extra obs columns]) or an .h5ad with raw counts."
+)
 @click.option("--output", required=True, type=click.Path(), help="Merged .h5ad to write (raw counts in X and layers['counts']).")
 @click.option("--batch-key", default="batch", help="obs column with the batch of each cell.")
 @click.option("--label-key", default="", help="obs column with cell labels (optional); must exist after merging.")
@@ -17,7 +20,12 @@ from scinv.preprocess import check_obs_keys, load_input, prepare_covariates
 @click.option("--annotations", default=None, type=click.Path(), help="Optional CSV with a cell_id column (<sample>_<barcode>) whose other columns join obs.")
 @click.option("--unknown-label", default="Unknown", help="Value given to cells without an annotation.")
 @click.option("--shown-as", default=None, help="--input as the user wrote it (path or URL); messages name it instead of the staged copy.")
-@click.option("--staged-dir", default=None, type=click.Path(), help="Folder where Nextflow staged the samplesheet's files as <row>/<name> (preferred over the paths as written).")
+@click.option(
+    "--staged-dir",
+    default=None,
+    type=click.Path(),
+    help="Folder where Nextflow staged the samplesheet's files as <row>/<name> (preferred over the paths as written).",
+)
 @step
 def main(input_path, output, batch_key, label_key, obs_keys, annotations, unknown_label, shown_as, staged_dir):
     """Validate inputs and write one AnnData with raw counts."""

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """EXPORT: latents, predicted labels and UMAPs into the final .h5ad, plus a parquet sidecar."""
+
 import anndata as ad
 import click
 import numpy as np
@@ -18,7 +19,9 @@ def umap(adata, rep: str, key: str, seed: int) -> None:
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--input", "input_path", required=True, type=click.Path(exists=True), help="Normalised HVG .h5ad the model was trained on (or a query with the same genes).")
+@click.option(
+    "--input", "input_path", required=True, type=click.Path(exists=True), help="Normalised HVG .h5ad the model was trained on (or a query with the same genes)."
+)
 @click.option("--model-dir", required=True, type=click.Path(exists=True), help="Saved scinv model directory.")
 @click.option("--output", required=True, type=click.Path(), help="Final .h5ad with obsm X_scinv_inv, X_scinv_spur and predictions.")
 @click.option("--embeddings", required=True, type=click.Path(), help="Parquet sidecar: embeddings and predictions keyed by cell_id.")
@@ -35,7 +38,9 @@ def main(input_path, model_dir, output, embeddings, with_umap, cellxgene, seed):
     adata.obsm["X_scinv"] = full
     adata.obsm["X_scinv_inv"], adata.obsm["X_scinv_spur"] = full[:, :n_inv], full[:, n_inv:]
     table = pd.DataFrame(adata.obsm["X_scinv_inv"], index=adata.obs_names, columns=[f"inv_{i}" for i in range(adata.obsm["X_scinv_inv"].shape[1])])
-    table = table.join(pd.DataFrame(adata.obsm["X_scinv_spur"], index=adata.obs_names, columns=[f"spur_{i}" for i in range(adata.obsm["X_scinv_spur"].shape[1])]))
+    table = table.join(
+        pd.DataFrame(adata.obsm["X_scinv_spur"], index=adata.obs_names, columns=[f"spur_{i}" for i in range(adata.obsm["X_scinv_spur"].shape[1])])
+    )
     if model.predictor is not None:
         labels, probs = model.predict(adata)
         adata.obs["scinv_prediction"] = pd.Categorical(labels)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """METRICS: scib-metrics on scinv's latents, the unintegrated PCA and any baselines; held-out label transfer."""
+
 import anndata as ad
 import click
 
@@ -25,8 +26,22 @@ from scinv.metrics import PROFILES, add_baseline_embeddings, label_transfer_tabl
 @click.option("--n-jobs", default=2, type=int, help="Parallel jobs for neighbour search.")
 @click.option("--seed", default=0, type=int, help="Random seed for subsampling.")
 @step
-def main(input_path, output, batch_key, label_key, unknown_label, embeddings, baseline, baseline_embeddings, heldout_batches, transfer_out,
-         profile, max_cells, n_jobs, seed):
+def main(
+    input_path,
+    output,
+    batch_key,
+    label_key,
+    unknown_label,
+    embeddings,
+    baseline,
+    baseline_embeddings,
+    heldout_batches,
+    transfer_out,
+    profile,
+    max_cells,
+    n_jobs,
+    seed,
+):
     """Score integration with scib-metrics (and label transfer to held-out batches)."""
     adata = ad.read_h5ad(input_path)
     if not label_key:

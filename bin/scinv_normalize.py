@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """NORMALIZE: normalize_total + log1p, batch-aware HVG selection on raw counts, PCA."""
+
 import anndata as ad
 import click
 
@@ -14,7 +15,12 @@ from scinv.preprocess import normalize_and_select
 @click.option("--output", required=True, type=click.Path(), help="HVG-subset .h5ad (raw counts in layers['counts'], log-normalised X, X_pca).")
 @click.option("--batch-key", default="batch", help="obs column for batch-aware HVG selection.")
 @click.option("--n-top-genes", default=2000, type=int, help="Number of highly variable genes.")
-@click.option("--flavor", default="seurat_v3", type=click.Choice(["seurat_v3", "pearson_residuals", "seurat", "cell_ranger"]), help="HVG method (seurat_v3 and pearson_residuals use raw counts).")
+@click.option(
+    "--flavor",
+    default="seurat_v3",
+    type=click.Choice(["seurat_v3", "pearson_residuals", "seurat", "cell_ranger"]),
+    help="HVG method (seurat_v3 and pearson_residuals use raw counts).",
+)
 @click.option("--target-sum", default=1e4, type=float, help="Counts per cell after normalize_total.")
 @click.option("--n-pcs", default=50, type=int, help="Principal components of the unintegrated baseline.")
 @click.option("--seed", default=0, type=int, help="Random seed.")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """QC: per-cell metrics, threshold and MAD filters, per-batch doublet detection, kept/removed table."""
+
 import anndata as ad
 import click
 
@@ -14,8 +15,18 @@ from scinv.preprocess import QCThresholds, run_qc
 @click.option("--summary", required=True, type=click.Path(), help="CSV: cells per sample before/kept/removed per reason.")
 @click.option("--cells", "cells_out", required=True, type=click.Path(), help="Parquet with the QC metrics and verdict of every input cell.")
 @click.option("--batch-key", default="batch", help="obs column for per-batch doublet detection.")
-@click.option("--min-genes", default=None, type=int, help="Minimum detected genes per cell (samplesheet column min_genes overrides per sample). Default: 200, scaled down for panels under 10,000 genes.")
-@click.option("--min-counts", default=None, type=int, help="Minimum counts per cell (column min_counts overrides). Default: 500, scaled down for panels under 10,000 genes.")
+@click.option(
+    "--min-genes",
+    default=None,
+    type=int,
+    help="Minimum detected genes per cell (samplesheet column min_genes overrides per sample). Default: 200, scaled down for panels under 10,000 genes.",
+)
+@click.option(
+    "--min-counts",
+    default=None,
+    type=int,
+    help="Minimum counts per cell (column min_counts overrides). Default: 500, scaled down for panels under 10,000 genes.",
+)
 @click.option("--max-counts", default=None, type=float, help="Maximum counts per cell (column max_counts overrides).")
 @click.option("--max-pct-mito", default=20.0, type=float, help="Maximum % mitochondrial counts (column max_pct_mito overrides).")
 @click.option("--min-cells-per-gene", default=3, type=int, help="Drop genes detected in fewer cells.")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """REPORT: one self-contained HTML report (figures embedded) from the pipeline's outputs."""
+
 import json
 from pathlib import Path
 
@@ -29,7 +30,23 @@ from scinv.report import build_report
 @click.option("--color-keys", default="condition", help="Comma list of further obs columns to colour UMAPs by.")
 @click.option("--title", default="scinv integration report", help="Report title.")
 @step
-def main(input_path, output, qc_cells, qc_summary, metrics_path, transfer_path, heldout_batches, model_dir, versions_path, params_path, batch_key, label_key, unknown_label, color_keys, title):
+def main(
+    input_path,
+    output,
+    qc_cells,
+    qc_summary,
+    metrics_path,
+    transfer_path,
+    heldout_batches,
+    model_dir,
+    versions_path,
+    params_path,
+    batch_key,
+    label_key,
+    unknown_label,
+    color_keys,
+    title,
+):
     """Build the HTML report."""
     adata = ad.read_h5ad(input_path)
     exists = lambda p: p and Path(p).exists()  # noqa: E731
@@ -40,8 +57,22 @@ def main(input_path, output, qc_cells, qc_summary, metrics_path, transfer_path, 
     history = json.loads((Path(model_dir) / "config.json").read_text()).get("history", []) if exists(model_dir) else []
     versions = Path(versions_path).read_text() if exists(versions_path) else ""
     params = json.loads(Path(params_path).read_text()) if exists(params_path) else None
-    html = build_report(adata, qc_obs, summary, metrics, history, batch_key, label_key or None, key_list(color_keys), versions, params, title,
-                        label_transfer=transfer, heldout_batches=key_list(heldout_batches), unknown_label=unknown_label)
+    html = build_report(
+        adata,
+        qc_obs,
+        summary,
+        metrics,
+        history,
+        batch_key,
+        label_key or None,
+        key_list(color_keys),
+        versions,
+        params,
+        title,
+        label_transfer=transfer,
+        heldout_batches=key_list(heldout_batches),
+        unknown_label=unknown_label,
+    )
     write_text(html, output)
     click.echo(f"REPORT: wrote {output}", err=True)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """TRAIN_INVAE: train the inVAE model (and its invariant label predictor) on raw HVG counts."""
+
 import anndata as ad
 import click
 import torch
@@ -29,7 +30,12 @@ from scinv.model import InVAE
 @click.option("--n-layers", default=2, type=int, help="Hidden layers in encoder and decoder.")
 @click.option("--dropout", default=0.1, type=float, help="Dropout rate of hidden layers.")
 @click.option("--prior-mode", default="mean", type=click.Choice(["mean", "variance", "both"]), help="Which prior parameters the covariates set.")
-@click.option("--prior-family", default="gaussian", type=click.Choice(["gaussian", "nf"]), help="Invariant prior: conditional Gaussian, or NFinVAE's exponential family fitted by score matching.")
+@click.option(
+    "--prior-family",
+    default="gaussian",
+    type=click.Choice(["gaussian", "nf"]),
+    help="Invariant prior: conditional Gaussian, or NFinVAE's exponential family fitted by score matching.",
+)
 @click.option("--tc-weight", default=0.0, type=float, help="Weight of the total-correlation penalty between z_inv and z_spur.")
 @click.option("--classifier-weight", default=20.0, type=float, help="Weight of the jointly trained label classifier on z_inv (labels as targets only; 0: off).")
 @click.option("--encode-covariates/--no-encode-covariates", default=False, help="Let the encoder see the technical covariates (never the labels).")
@@ -48,10 +54,43 @@ from scinv.model import InVAE
 @click.option("--checkpoint-dir", default=None, type=click.Path(), help="Where to keep resumable checkpoints (survives task restarts).")
 @click.option("--checkpoint-every", default=10, type=int, help="Checkpoint every N epochs (needs --checkpoint-dir).")
 @step
-def main(input_path, model_dir, history_out, layer, batch_key, label_key, unknown_label, heldout_batches, invariant_keys, spurious_keys, continuous_keys,
-         n_latent_inv, n_latent_spur, n_hidden, n_layers, dropout, prior_mode, prior_family, tc_weight, classifier_weight, encode_covariates, max_epochs, batch_size, lr, weight_decay,
-         kl_warmup_epochs, early_stopping_patience, validation_fraction, predictor_epochs, irm_weight, seed, device, threads,
-         checkpoint_dir, checkpoint_every):
+def main(
+    input_path,
+    model_dir,
+    history_out,
+    layer,
+    batch_key,
+    label_key,
+    unknown_label,
+    heldout_batches,
+    invariant_keys,
+    spurious_keys,
+    continuous_keys,
+    n_latent_inv,
+    n_latent_spur,
+    n_hidden,
+    n_layers,
+    dropout,
+    prior_mode,
+    prior_family,
+    tc_weight,
+    classifier_weight,
+    encode_covariates,
+    max_epochs,
+    batch_size,
+    lr,
+    weight_decay,
+    kl_warmup_epochs,
+    early_stopping_patience,
+    validation_fraction,
+    predictor_epochs,
+    irm_weight,
+    seed,
+    device,
+    threads,
+    checkpoint_dir,
+    checkpoint_every,
+):
     """Train inVAE and save the model directory."""
     import pandas as pd
 
@@ -63,16 +102,38 @@ def main(input_path, model_dir, history_out, layer, batch_key, label_key, unknow
             raise ScinvInputError("--heldout-batches needs --label-key (whose labels to hide)")
         adata.obs[label_key] = hide_heldout_labels(adata.obs, batch_key, label_key, key_list(heldout_batches), unknown_label, input_path)
     model = InVAE(
-        adata, layer=layer or None, batch_key=batch_key or None, label_key=label_key or None, unknown_label=unknown_label,
-        invariant_keys=key_list(invariant_keys), spurious_keys=key_list(spurious_keys), continuous_keys=key_list(continuous_keys),
-        n_latent_inv=n_latent_inv, n_latent_spur=n_latent_spur, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout,
-        prior_mode=prior_mode, prior_family=prior_family, tc_weight=tc_weight, classifier_weight=classifier_weight,
-        encode_covariates=encode_covariates, _where=input_path,
+        adata,
+        layer=layer or None,
+        batch_key=batch_key or None,
+        label_key=label_key or None,
+        unknown_label=unknown_label,
+        invariant_keys=key_list(invariant_keys),
+        spurious_keys=key_list(spurious_keys),
+        continuous_keys=key_list(continuous_keys),
+        n_latent_inv=n_latent_inv,
+        n_latent_spur=n_latent_spur,
+        n_hidden=n_hidden,
+        n_layers=n_layers,
+        dropout=dropout,
+        prior_mode=prior_mode,
+        prior_family=prior_family,
+        tc_weight=tc_weight,
+        classifier_weight=classifier_weight,
+        encode_covariates=encode_covariates,
+        _where=input_path,
     )
     model.train(
-        max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, kl_warmup_epochs=kl_warmup_epochs,
-        validation_fraction=validation_fraction, early_stopping_patience=early_stopping_patience, seed=seed, device=device,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every if checkpoint_dir else 0,
+        max_epochs=max_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        kl_warmup_epochs=kl_warmup_epochs,
+        validation_fraction=validation_fraction,
+        early_stopping_patience=early_stopping_patience,
+        seed=seed,
+        device=device,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every if checkpoint_dir else 0,
     )
     if label_key and predictor_epochs > 0 and model.registry.n_labels >= 2:
         model.train_predictor(max_epochs=predictor_epochs, irm_weight=irm_weight, seed=seed)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Print a versions.yml block for a pipeline process: scinv_versions.py PROCESS PACKAGE..."""
+
 import click
 
 from scinv.cli import versions_yaml

@@ -15,6 +15,7 @@ writes, under --outdir:
 
 Then, e.g.:  tools/nextflow run main.nf --input converted/liao.h5ad --batch_key batch --label_key cell_type --outdir out
 """
+
 from __future__ import annotations
 
 from pathlib import Path

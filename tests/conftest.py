@@ -32,7 +32,7 @@ def run_nextflow(*args: str, cwd: Path, timeout: int = 900) -> subprocess.Comple
 
 def one_error_line(stderr: str) -> str:
     """The single 'ERROR: ...' line a step prints for bad input (asserts there is exactly one)."""
-    lines = [l for l in stderr.splitlines() if l.startswith("ERROR:")]
+    lines = [line for line in stderr.splitlines() if line.startswith("ERROR:")]
     assert len(lines) == 1, stderr
     assert "Traceback" not in stderr, stderr
     return lines[0]
@@ -44,10 +44,19 @@ def copy_example(tmp_path: Path) -> Path:
     return dst
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                  "--no-first-run", "--virtual-time-budget=15000"]
-RENDER_PROBE = ("<script>window.addEventListener('load',()=>{document.body.setAttribute('data-rendered',"
-                "Array.from(document.images).map(i=>i.complete?i.naturalWidth+'x'+i.naturalHeight:'0x0').join(' '))});</script>")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--no-first-run",
+    "--virtual-time-budget=15000",
+]
+RENDER_PROBE = (
+    "<script>window.addEventListener('load',()=>{document.body.setAttribute('data-rendered',"
+    "Array.from(document.images).map(i=>i.complete?i.naturalWidth+'x'+i.naturalHeight:'0x0').join(' '))});</script>"
+)
 
 
 def chromium_binary() -> str:

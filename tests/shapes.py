@@ -4,6 +4,7 @@ Each builder writes files the way users get them (Cell Ranger folders and .h5, .
 scanpy/Seurat/CELLxGENE) from synthetic NB counts with realistic gene names, and returns what the
 pipeline should make of them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,7 @@ def gene_names(n_genes: int, mouse: bool = False) -> list[str]:
 
 def cells(n_cells: int, n_genes: int, n_batches: int = 1, n_types: int = 4, seed: int = 0, mouse: bool = False) -> ad.AnnData:
     """Synthetic counts (X, CSR float32 integers) with gene names and 10x-like barcodes."""
-    adata = synthetic_counts(n_cells=n_cells, n_genes=n_genes, n_batches=n_batches, n_types=n_types,
-                             library_log_mean=7.5, seed=seed)
+    adata = synthetic_counts(n_cells=n_cells, n_genes=n_genes, n_batches=n_batches, n_types=n_types, library_log_mean=7.5, seed=seed)
     del adata.layers["counts"]
     adata.var_names = gene_names(n_genes, mouse)
     rng = np.random.default_rng(seed)

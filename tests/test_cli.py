@@ -1,15 +1,24 @@
 """Each bin/ step: documented --help, a real run on small data, and a bad input with a clear error."""
+
 from pathlib import Path
 
 import anndata as ad
 import pandas as pd
 import pytest
 
+from conftest import ROOT, one_error_line, run_script
 from scinv.io import write_h5ad
 
-from conftest import ROOT, one_error_line, run_script
-
-STEPS = ["scinv_check_input.py", "scinv_qc.py", "scinv_normalize.py", "scinv_train.py", "scinv_baseline.py", "scinv_export.py", "scinv_metrics.py", "scinv_report.py"]
+STEPS = [
+    "scinv_check_input.py",
+    "scinv_qc.py",
+    "scinv_normalize.py",
+    "scinv_train.py",
+    "scinv_baseline.py",
+    "scinv_export.py",
+    "scinv_metrics.py",
+    "scinv_report.py",
+]
 
 
 @pytest.mark.parametrize("script", STEPS)
@@ -37,8 +46,9 @@ def test_check_input_bad_samplesheet_names_file_and_fix(tmp_path):
 
 
 def test_check_input_unknown_column(tmp_path):
-    res = run_script("scinv_check_input.py", "--input", str(ROOT / "assets" / "samplesheet_test.csv"),
-                     "--output", str(tmp_path / "o.h5ad"), "--label-key", "cell_type")
+    res = run_script(
+        "scinv_check_input.py", "--input", str(ROOT / "assets" / "samplesheet_test.csv"), "--output", str(tmp_path / "o.h5ad"), "--label-key", "cell_type"
+    )
     assert res.returncode == 2
     assert "'cell_type' not found" in one_error_line(res.stderr)
     assert list(tmp_path.iterdir()) == []
@@ -64,15 +74,62 @@ def test_steps_chain_on_small_data(tmp_path, small_adata):
     t = lambda n: str(tmp_path / n)  # noqa: E731
     steps = [
         ("scinv_check_input.py", "--input", t("in.h5ad"), "--output", t("m.h5ad"), "--label-key", "cell_type"),
-        ("scinv_qc.py", "--input", t("m.h5ad"), "--output", t("q.h5ad"), "--summary", t("qs.csv"), "--cells", t("qc.parquet"),
-         "--min-genes", "10", "--min-counts", "10", "--no-doublets"),
+        (
+            "scinv_qc.py",
+            "--input",
+            t("m.h5ad"),
+            "--output",
+            t("q.h5ad"),
+            "--summary",
+            t("qs.csv"),
+            "--cells",
+            t("qc.parquet"),
+            "--min-genes",
+            "10",
+            "--min-counts",
+            "10",
+            "--no-doublets",
+        ),
         ("scinv_normalize.py", "--input", t("q.h5ad"), "--output", t("n.h5ad"), "--n-top-genes", "100", "--n-pcs", "10"),
-        ("scinv_train.py", "--input", t("n.h5ad"), "--model-dir", t("model"), "--history", t("h.csv"), "--label-key", "cell_type",
-         "--invariant-keys", "condition", "--spurious-keys", "depth", "--continuous-keys", "depth",
-         "--max-epochs", "5", "--predictor-epochs", "5", "--n-hidden", "32"),
+        (
+            "scinv_train.py",
+            "--input",
+            t("n.h5ad"),
+            "--model-dir",
+            t("model"),
+            "--history",
+            t("h.csv"),
+            "--label-key",
+            "cell_type",
+            "--invariant-keys",
+            "condition",
+            "--spurious-keys",
+            "depth",
+            "--continuous-keys",
+            "depth",
+            "--max-epochs",
+            "5",
+            "--predictor-epochs",
+            "5",
+            "--n-hidden",
+            "32",
+        ),
         ("scinv_export.py", "--input", t("n.h5ad"), "--model-dir", t("model"), "--output", t("final.h5ad"), "--embeddings", t("e.parquet")),
-        ("scinv_report.py", "--input", t("final.h5ad"), "--output", t("r.html"), "--qc-cells", t("qc.parquet"), "--qc-summary", t("qs.csv"),
-         "--model-dir", t("model"), "--label-key", "cell_type"),
+        (
+            "scinv_report.py",
+            "--input",
+            t("final.h5ad"),
+            "--output",
+            t("r.html"),
+            "--qc-cells",
+            t("qc.parquet"),
+            "--qc-summary",
+            t("qs.csv"),
+            "--model-dir",
+            t("model"),
+            "--label-key",
+            "cell_type",
+        ),
     ]
     for args in steps:
         res = run_script(*args)
@@ -95,8 +152,19 @@ def test_steps_chain_on_small_data(tmp_path, small_adata):
 
 def test_qc_refuses_when_all_cells_fail(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "m.h5ad")
-    res = run_script("scinv_qc.py", "--input", str(tmp_path / "m.h5ad"), "--output", str(tmp_path / "q.h5ad"),
-                     "--summary", str(tmp_path / "s.csv"), "--cells", str(tmp_path / "c.parquet"), "--min-genes", "100000")
+    res = run_script(
+        "scinv_qc.py",
+        "--input",
+        str(tmp_path / "m.h5ad"),
+        "--output",
+        str(tmp_path / "q.h5ad"),
+        "--summary",
+        str(tmp_path / "s.csv"),
+        "--cells",
+        str(tmp_path / "c.parquet"),
+        "--min-genes",
+        "100000",
+    )
     assert res.returncode == 2 and "relax" in one_error_line(res.stderr)
     assert not (tmp_path / "q.h5ad").exists()
 
@@ -110,8 +178,17 @@ def test_normalize_missing_counts_layer(tmp_path, small_adata):
 
 def test_train_missing_label_column(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "n.h5ad")
-    res = run_script("scinv_train.py", "--input", str(tmp_path / "n.h5ad"), "--model-dir", str(tmp_path / "m"),
-                     "--history", str(tmp_path / "h.csv"), "--label-key", "celltype")
+    res = run_script(
+        "scinv_train.py",
+        "--input",
+        str(tmp_path / "n.h5ad"),
+        "--model-dir",
+        str(tmp_path / "m"),
+        "--history",
+        str(tmp_path / "h.csv"),
+        "--label-key",
+        "celltype",
+    )
     assert res.returncode == 2 and "'celltype' not found" in one_error_line(res.stderr)
     assert not (tmp_path / "m").exists()
 
@@ -119,8 +196,17 @@ def test_train_missing_label_column(tmp_path, small_adata):
 def test_export_with_wrong_model_dir(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "n.h5ad")
     (tmp_path / "notamodel").mkdir()
-    res = run_script("scinv_export.py", "--input", str(tmp_path / "n.h5ad"), "--model-dir", str(tmp_path / "notamodel"),
-                     "--output", str(tmp_path / "f.h5ad"), "--embeddings", str(tmp_path / "e.parquet"))
+    res = run_script(
+        "scinv_export.py",
+        "--input",
+        str(tmp_path / "n.h5ad"),
+        "--model-dir",
+        str(tmp_path / "notamodel"),
+        "--output",
+        str(tmp_path / "f.h5ad"),
+        "--embeddings",
+        str(tmp_path / "e.parquet"),
+    )
     assert res.returncode == 2 and "not a scinv model directory" in one_error_line(res.stderr)
 
 
@@ -139,8 +225,18 @@ def test_report_on_non_h5ad(tmp_path):
 
 
 def qc_args(tmp_path, data, *extra):
-    return ("--input", str(data), "--output", str(tmp_path / "q.h5ad"), "--summary", str(tmp_path / "s.csv"),
-            "--cells", str(tmp_path / "c.parquet"), "--no-doublets", *extra)
+    return (
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "q.h5ad"),
+        "--summary",
+        str(tmp_path / "s.csv"),
+        "--cells",
+        str(tmp_path / "c.parquet"),
+        "--no-doublets",
+        *extra,
+    )
 
 
 def test_check_input_refuses_a_single_batch(tmp_path, small_adata):
@@ -178,8 +274,7 @@ def test_qc_stops_when_only_one_batch_is_left(tmp_path, small_adata):
 
 def test_qc_refuses_when_every_gene_is_filtered(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "m.h5ad")
-    res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-genes", "1", "--min-counts", "1",
-                                             "--min-cells-per-gene", "100000"))
+    res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-genes", "1", "--min-counts", "1", "--min-cells-per-gene", "100000"))
     assert res.returncode == 2
     assert "removed all 120 genes; lower --min_cells_per_gene" in one_error_line(res.stderr)
     assert not list(tmp_path.glob("q.h5ad*"))
@@ -187,8 +282,19 @@ def test_qc_refuses_when_every_gene_is_filtered(tmp_path, small_adata):
 
 def test_train_refuses_an_unknown_heldout_batch(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "n.h5ad")
-    res = run_script("scinv_train.py", "--input", str(tmp_path / "n.h5ad"), "--model-dir", str(tmp_path / "m"),
-                     "--history", str(tmp_path / "h.csv"), "--label-key", "cell_type", "--heldout-batches", "b9")
+    res = run_script(
+        "scinv_train.py",
+        "--input",
+        str(tmp_path / "n.h5ad"),
+        "--model-dir",
+        str(tmp_path / "m"),
+        "--history",
+        str(tmp_path / "h.csv"),
+        "--label-key",
+        "cell_type",
+        "--heldout-batches",
+        "b9",
+    )
     assert res.returncode == 2
     assert "held-out batches ['b9'] not in column 'batch'" in one_error_line(res.stderr)
     assert not (tmp_path / "m").exists()
@@ -203,8 +309,7 @@ def test_baseline_embeddings_keyed_by_cell(tmp_path, small_adata, method):
     sc.pp.pca(small_adata, n_comps=10)
     write_h5ad(small_adata, tmp_path / "n.h5ad")
     out = tmp_path / f"{method}.parquet"
-    res = run_script("scinv_baseline.py", "--method", method, "--input", str(tmp_path / "n.h5ad"), "--output", str(out),
-                     "--max-epochs", "3", "--threads", "1")
+    res = run_script("scinv_baseline.py", "--method", method, "--input", str(tmp_path / "n.h5ad"), "--output", str(out), "--max-epochs", "3", "--threads", "1")
     assert res.returncode == 0, res.stderr[-2000:]
     emb = pd.read_parquet(out)
     assert emb.index.name == "cell_id" and list(emb.index) == list(small_adata.obs_names)

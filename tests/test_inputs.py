@@ -1,8 +1,8 @@
 """The inputs users have: Cell Ranger folders and files, .h5ad exports, labels and gene panels."""
+
 import gzip
 import shutil
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -121,7 +121,12 @@ def test_hvg_keeps_every_gene_when_asked_for_as_many(small_adata):
 @pytest.mark.parametrize("flavor", ["seurat_v3", "pearson_residuals", "seurat", "cell_ranger"])
 def test_every_offered_hvg_flavour_runs(small_adata, flavor):
     hvg = normalize_and_select(small_adata, n_top_genes=50, batch_key="batch", flavor=flavor)
-    assert hvg.n_vars == 50 and hvg.uns["scinv_normalize"]["hvg"] == {"requested": flavor, "flavor": flavor, "span": 0.3 if flavor == "seurat_v3" else "", "fallback": ""}
+    assert hvg.n_vars == 50 and hvg.uns["scinv_normalize"]["hvg"] == {
+        "requested": flavor,
+        "flavor": flavor,
+        "span": 0.3 if flavor == "seurat_v3" else "",
+        "fallback": "",
+    }
 
 
 @pytest.mark.skipif(not shapes.LOESS_FAILURE_CSV.exists(), reason="needs ../shared/data/seurat_v3_loess_failure.csv")

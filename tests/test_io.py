@@ -1,13 +1,13 @@
 """Input validation: every bad input ends in one clear ScinvInputError and leaves no output."""
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from conftest import ROOT
 from scinv.errors import ScinvInputError
 from scinv.io import atomic_path, check_counts, read_counts, read_samplesheet, write_h5ad
 from scinv.preprocess import load_input
-
-from conftest import ROOT
 
 H5 = ROOT / "assets" / "liao2020" / "GSM4475052_C149_filtered_feature_bc_matrix.h5"
 

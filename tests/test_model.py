@@ -1,4 +1,5 @@
 """The user-facing model on real (small) data: training, latents, predictor, persistence, queries."""
+
 import json
 
 import anndata as ad

@@ -1,4 +1,5 @@
 """The pure torch parts: likelihood, KL terms, priors, invariant risk."""
+
 import math
 
 import numpy as np
@@ -54,8 +55,9 @@ def test_prior_modes_and_empty_covariates():
 
 def test_unknown_label_uses_label_marginal_mixture_prior():
     torch.manual_seed(0)
-    m = InVAEModule(n_genes=10, n_labels=3, n_inv_covariates=0, n_spur_covariates=0, n_latent_inv=2, n_latent_spur=1,
-                    label_frequencies=torch.tensor([0.5, 0.3, 0.2]))
+    m = InVAEModule(
+        n_genes=10, n_labels=3, n_inv_covariates=0, n_spur_covariates=0, n_latent_inv=2, n_latent_spur=1, label_frequencies=torch.tensor([0.5, 0.3, 0.2])
+    )
     z, qm, qv = torch.randn(1, 3), torch.randn(1, 3), torch.rand(1, 3) + 0.5
     kl = m.kl_invariant(z, qm, qv, torch.tensor([-1]), torch.zeros(1, 0))
     # by hand: log q(z) - log sum_k pi_k N(z; m_k, v_k)
@@ -111,8 +113,12 @@ def test_fused_latent_matches_autograd_and_its_gradient_is_exact():
             assert torch.allclose(a, b, atol=1e-12)
         for used in ([0], [1], [2], [3], [4], [0, 3, 4], [0, 1, 2, 3, 4]):
             weights = [torch.randn_like(plain[i]) for i in used]
-            grads = [torch.autograd.grad(sum((out[i] * w).sum() for i, w in zip(used, weights)), (heads, prior_mean),
-                                         retain_graph=True, allow_unused=True, materialize_grads=True) for out in (fused, plain)]
+            grads = [
+                torch.autograd.grad(
+                    sum((out[i] * w).sum() for i, w in zip(used, weights)), (heads, prior_mean), retain_graph=True, allow_unused=True, materialize_grads=True
+                )
+                for out in (fused, plain)
+            ]
             for a, b in zip(*grads):
                 assert torch.allclose(a, b, atol=1e-10), (sample is None, used)
     assert torch.autograd.gradcheck(lambda h, p: _GaussianLatent.apply(h, p, noise, n_inv), (heads, prior_mean))
@@ -123,8 +129,12 @@ def test_training_loss_is_the_same_with_and_without_the_fused_latent(monkeypatch
     torch.manual_seed(0)
     m = InVAEModule(n_genes=12, n_labels=3, n_inv_covariates=0, n_spur_covariates=2, classifier_weight=1.0)
     x = torch.poisson(torch.rand(8, 12) * 4)
-    batch = {"x": x, "label": torch.tensor([0, 1, 2, -1, 0, 1, 2, -1]), "inv": torch.zeros(8, 0),
-             "spur": torch.nn.functional.one_hot(torch.arange(8) % 2, 2).float()}
+    batch = {
+        "x": x,
+        "label": torch.tensor([0, 1, 2, -1, 0, 1, 2, -1]),
+        "inv": torch.zeros(8, 0),
+        "spur": torch.nn.functional.one_hot(torch.arange(8) % 2, 2).float(),
+    }
     results = []
     for fused in (True, False):
         monkeypatch.setattr(InVAEModule, "_fused_latent", fused)
@@ -132,8 +142,9 @@ def test_training_loss_is_the_same_with_and_without_the_fused_latent(monkeypatch
         torch.manual_seed(1)
         out = m(batch)
         out["loss"].backward()
-        results.append(([out[k].detach() for k in ("loss", "kl_inv", "kl_spur", "classification")],
-                        [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+        results.append(
+            ([out[k].detach() for k in ("loss", "kl_inv", "kl_spur", "classification")], [p.grad.clone() for p in m.parameters() if p.grad is not None])
+        )
     for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -178,7 +189,7 @@ def test_invariant_risk_balances_environments_and_irm_penalty_matches_loop():
         w = torch.tensor(1.0, requires_grad=True)
         m = envs == e
         (g,) = torch.autograd.grad(ce(logits[m] * w, labels[m]), w, create_graph=True)
-        by_hand.append(g ** 2)
+        by_hand.append(g**2)
     assert torch.allclose(penalty, torch.stack(by_hand).mean(), atol=1e-6)
     assert penalty > 0
     obj.backward()  # the penalty is differentiable w.r.t. the classifier output
@@ -291,7 +302,7 @@ def test_score_matching_uses_the_hessian_diagonal_not_row_sums():
     z = torch.tensor([[1.0, -2.0]])
     score = -(z @ A)
     exact = -A.diagonal().sum() + 0.5 * (score**2).sum()  # -3 + 0.5 * (0.2^2 + 1.1^2) = -2.375
-    row_sums = -A.sum() + 0.5 * (score**2).sum()           # what the reference code computes: -4.175
+    row_sums = -A.sum() + 0.5 * (score**2).sum()  # what the reference code computes: -4.175
     got = score_matching_loss(lambda zz: -0.5 * ((zz @ A) * zz).sum(-1), z)
     assert torch.allclose(got, exact.reshape(1)) and abs(float(exact) - (-2.375)) < 1e-6
     assert not torch.allclose(got, row_sums.reshape(1))

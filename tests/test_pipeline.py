@@ -1,4 +1,5 @@
 """The real Nextflow pipeline, run with the pinned Nextflow on the bundled real data."""
+
 import json
 import re
 
@@ -46,7 +47,7 @@ def test_broken_samplesheet_stops_check_input_with_one_line(tmp_path):
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert "CHECK_INPUT" in out
-    errors = [l.strip() for l in out.splitlines() if l.strip().startswith("ERROR: ")]
+    errors = [line.strip() for line in out.splitlines() if line.strip().startswith("ERROR: ")]
     assert errors and "sheet.csv" in errors[0] and "nowhere.h5" in errors[0] and "fix the path column" in errors[0]
 
 

@@ -1,4 +1,5 @@
 """Deployment profiles resolve to the right GPU settings for TRAIN_INVAE (nextflow config)."""
+
 import re
 
 import pytest

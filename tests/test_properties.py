@@ -1,4 +1,5 @@
 """Property-based tests: the validators never crash obscurely, whatever the input."""
+
 import string
 
 import numpy as np

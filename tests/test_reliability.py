@@ -1,4 +1,5 @@
 """Training survives SIGKILL: a rerun resumes from the last checkpoint and ends where an uninterrupted run ends."""
+
 import os
 import signal
 import subprocess
@@ -10,16 +11,37 @@ import pandas as pd
 import pytest
 import torch
 
-from scinv.io import write_h5ad
-
 from conftest import BIN
+from scinv.io import write_h5ad
 
 
 def train_cmd(data, out, ckpt=None, epochs=24):
-    cmd = [sys.executable, str(BIN / "scinv_train.py"), "--input", str(data), "--model-dir", str(out / "model"),
-           "--history", str(out / "history.csv"), "--label-key", "cell_type", "--max-epochs", str(epochs),
-           "--n-hidden", "64", "--early-stopping-patience", "0", "--kl-warmup-epochs", "4", "--predictor-epochs", "0",
-           "--threads", "1", "--seed", "7"]
+    cmd = [
+        sys.executable,
+        str(BIN / "scinv_train.py"),
+        "--input",
+        str(data),
+        "--model-dir",
+        str(out / "model"),
+        "--history",
+        str(out / "history.csv"),
+        "--label-key",
+        "cell_type",
+        "--max-epochs",
+        str(epochs),
+        "--n-hidden",
+        "64",
+        "--early-stopping-patience",
+        "0",
+        "--kl-warmup-epochs",
+        "4",
+        "--predictor-epochs",
+        "0",
+        "--threads",
+        "1",
+        "--seed",
+        "7",
+    ]
     if ckpt:
         cmd += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"]
     return cmd
@@ -73,8 +95,7 @@ def s3_bucket(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     boto3.client("s3").create_bucket(Bucket="scinv-ckpt")

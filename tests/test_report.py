@@ -7,11 +7,14 @@ from scinv.report import build_report
 
 def test_report_scores_predictions_on_labelled_cells_only():
     """Cells carrying the pipeline's --unknown_label (any value, not just 'Unknown') are unlabelled."""
-    obs = pd.DataFrame({
-        "batch": ["a", "a", "b", "b", "b"],
-        "cell_type": ["T", "B", "n/a", "n/a", "T"],
-        "scinv_prediction": ["T", "T", "B", "T", "T"],
-    }, index=[f"c{i}" for i in range(5)])
+    obs = pd.DataFrame(
+        {
+            "batch": ["a", "a", "b", "b", "b"],
+            "cell_type": ["T", "B", "n/a", "n/a", "T"],
+            "scinv_prediction": ["T", "T", "B", "T", "T"],
+        },
+        index=[f"c{i}" for i in range(5)],
+    )
     adata = ad.AnnData(np.zeros((5, 2), np.float32), obs=obs)
     html = build_report(adata, None, None, None, [], "batch", "cell_type", [], unknown_label="n/a")
     assert "accuracy 0.667 on 3 cells" in html

@@ -1,4 +1,5 @@
 """nextflow_schema.json and nextflow.config describe the same parameters."""
+
 import json
 import re
 

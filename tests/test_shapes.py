@@ -15,12 +15,12 @@ the fix; no step may print a Python traceback. Shapes (at least one run covers e
 19 numeric batch and label values       20 pre-filtered 1.3k genes where seurat_v3's loess fails
 21 single batch (one-line stop)         22 no integer counts anywhere (one-line stop)
 """
+
 from __future__ import annotations
 
 import functools
 import http.server
 import re
-import shutil
 import threading
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import pandas as pd
 import pytest
 
 import shapes
-from conftest import ROOT, one_error_line, run_nextflow
+from conftest import ROOT, run_nextflow
 
 MAIN = str(ROOT / "main.nf")
 FAST = ["--max_epochs", "5", "--predictor_epochs", "5", "--kl_warmup_epochs", "1"]
@@ -67,9 +67,16 @@ def test_samplesheet_of_every_file_kind(tmp_path, http_root):
     genes = shapes.gene_names(1200)
     genes[40] = genes[41]  # two Ensembl ids share a symbol, as in every 10x reference
     kinds = {  # sample -> (file kind, cells)
-        "mtx3": ("mtx_v3", 160), "mtx two": ("mtx_v2", 160), "h5v2": ("h5_v2", 160), "remote": ("h5_v3", 160),
-        "csc": ("csc_uint16", 160), "rawonly": ("raw_only", 160), "dense": ("dense_float64", 160),
-        "int64": ("int64_in_counts_layer", 160), "tiny": ("plain", 15), "failqc": ("plain", 120),
+        "mtx3": ("mtx_v3", 160),
+        "mtx two": ("mtx_v2", 160),
+        "h5v2": ("h5_v2", 160),
+        "remote": ("h5_v3", 160),
+        "csc": ("csc_uint16", 160),
+        "rawonly": ("raw_only", 160),
+        "dense": ("dense_float64", 160),
+        "int64": ("int64_in_counts_layer", 160),
+        "tiny": ("plain", 15),
+        "failqc": ("plain", 120),
     }
     base = tmp_path / "my data"
     rows, labels = [], []
@@ -95,8 +102,20 @@ def test_samplesheet_of_every_file_kind(tmp_path, http_root):
     annotations = tmp_path / "labels.csv"
     pd.concat(labels).to_csv(annotations, index=False)
 
-    res, out = run_pipeline(tmp_path, "--input", str(sheet), "--annotations", str(annotations), "--label_key", "cell_type",
-                            "--n_top_genes", "600", "--heldout_batches", "h5v2", *FAST)
+    res, out = run_pipeline(
+        tmp_path,
+        "--input",
+        str(sheet),
+        "--annotations",
+        str(annotations),
+        "--label_key",
+        "cell_type",
+        "--n_top_genes",
+        "600",
+        "--heldout_batches",
+        "h5v2",
+        *FAST,
+    )
     assert res.returncode == 0, out[-5000:]
     assert re.search(r"Local executor: task requests are capped to this machine's \d+ CPUs", out)
     task_logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "work").glob("*/*/.command.err"))

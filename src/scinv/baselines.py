@@ -87,7 +87,6 @@ def scvi_embedding(
     data = ad.AnnData(X=adata.layers[layer] if layer else adata.X, obs=adata.obs[[batch_key]].astype(str).astype("category"))
     scvi.model.SCVI.setup_anndata(data, batch_key=batch_key)
     model = scvi.model.SCVI(data, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers)
-    model.train(max_epochs=max_epochs, accelerator=accelerator, enable_progress_bar=False, early_stopping=True,
-                callbacks=[_epoch_logger()])
+    model.train(max_epochs=max_epochs, accelerator=accelerator, enable_progress_bar=False, early_stopping=True, callbacks=[_epoch_logger()])
     log.info("scvi: trained %d epochs", len(model.history["elbo_train"]))
     return np.asarray(model.get_latent_representation(), dtype=np.float32)

@@ -8,8 +8,8 @@ refuses categories it has not seen (defect 8 of the reference code silently zero
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -73,7 +73,7 @@ class Covariate:
         return onehot
 
     @classmethod
-    def fit(cls, obs: pd.DataFrame, key: str, where: str, categorical: bool | None = None) -> "Covariate":
+    def fit(cls, obs: pd.DataFrame, key: str, where: str, categorical: bool | None = None) -> Covariate:
         if key not in obs.columns:
             raise ScinvInputError(f"{where}: obs column '{key}' not found (available: {list(obs.columns)[:12]}); fix the key")
         col = obs[key]
@@ -144,7 +144,7 @@ class DataRegistry:
         spurious_keys: Sequence[str] = (),
         continuous_keys: Sequence[str] = (),
         where: str = "AnnData",
-    ) -> "DataRegistry":
+    ) -> DataRegistry:
         """Fit category maps from `adata.obs`. Columns in `continuous_keys` are standardised."""
         if layer is not None and layer not in adata.layers:
             raise ScinvInputError(f"{where}: layer '{layer}' not found (layers: {list(adata.layers)}); fix --layer")
@@ -161,9 +161,9 @@ class DataRegistry:
                 raise ScinvInputError(f"{where}: label column '{label_key}' holds only '{unknown_label}'; label some cells")
         if batch_key:
             reg.batch = Covariate.fit(obs, batch_key, where, categorical=True)
+
         def fit_all(keys):  # label and batch are registered above, so they are skipped here
-            return [Covariate.fit(obs, k, where, categorical=False if k in cont else None)
-                    for k in keys if k not in (label_key, batch_key)]
+            return [Covariate.fit(obs, k, where, categorical=False if k in cont else None) for k in keys if k not in (label_key, batch_key)]
 
         reg.invariant, reg.spurious = fit_all(invariant_keys), fit_all(spurious_keys)
         return reg
@@ -231,8 +231,7 @@ class DataRegistry:
         unseen = sorted(set(values[(codes < 0) & known]))[:5]
         if unseen:
             raise ScinvInputError(
-                f"{where}: label column '{self.label_key}' has labels not seen in training {unseen}; "
-                f"set them to '{self.unknown_label}' to have them predicted"
+                f"{where}: label column '{self.label_key}' has labels not seen in training {unseen}; set them to '{self.unknown_label}' to have them predicted"
             )
         return codes
 
@@ -259,7 +258,7 @@ class DataRegistry:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataRegistry":
+    def from_dict(cls, d: dict) -> DataRegistry:
         d = dict(d)
         d["batch"] = Covariate(**d["batch"]) if d.get("batch") else None
         d["invariant"] = [Covariate(**c) for c in d.get("invariant", [])]

@@ -114,8 +114,10 @@ def write_synthetic_h5ad(
         X.create_dataset("indptr", data=np.concatenate(indptr))
         types, batches = np.concatenate(types_all), np.concatenate(batches_all)
         obs = pd.DataFrame(
-            {"batch": pd.Categorical.from_codes(batches, [f"b{i}" for i in range(n_batches)]),
-             "cell_type": pd.Categorical.from_codes(types, [f"t{i}" for i in range(n_types)])},
+            {
+                "batch": pd.Categorical.from_codes(batches, [f"b{i}" for i in range(n_batches)]),
+                "cell_type": pd.Categorical.from_codes(types, [f"t{i}" for i in range(n_types)]),
+            },
             index=pd.Index([f"cell{i}" for i in range(n_cells)]),
         )
         write_elem(f, "obs", obs)

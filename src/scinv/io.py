@@ -7,8 +7,8 @@ import csv
 import ctypes
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import anndata as ad
 import h5py
@@ -131,10 +131,7 @@ def read_samplesheet(path: str | os.PathLike, staged_dir: str | os.PathLike | No
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in REQUIRED_SAMPLESHEET_COLUMNS if c not in df.columns]
     if missing:
-        raise ScinvInputError(
-            f"{shown_sheet}: missing required column(s) {missing}; the header must start with 'sample,path' "
-            f"(found {list(df.columns)})"
-        )
+        raise ScinvInputError(f"{shown_sheet}: missing required column(s) {missing}; the header must start with 'sample,path' (found {list(df.columns)})")
     unnamed = [c for c in df.columns if not c or c.startswith("Unnamed")]
     if unnamed:
         raise ScinvInputError(f"{shown_sheet}: a column has no name; give every column a header")
@@ -233,7 +230,7 @@ def _h5ad_counts(path: Path, adata: ad.AnnData) -> ad.AnnData:
     candidates = [("layers['counts']", adata.layers.get("counts"), None), ("X", adata.X, None)]
     if adata.raw is not None:
         candidates.append((".raw.X", adata.raw.X, adata.raw.var))
-    for where, X, var in candidates:
+    for _, X, var in candidates:
         if X is not None and _holds_integers(X):
             if var is not None:  # .raw keeps all genes; X may be a subset of them
                 adata = ad.AnnData(X=X, obs=adata.obs, var=var.copy())
@@ -321,9 +318,8 @@ def check_counts(X, where: str) -> None:
         raise ScinvInputError(f"{where}: matrix contains NaN or Inf; provide raw integer counts")
     if data.min() < 0:
         raise ScinvInputError(f"{where}: matrix contains negative values; provide raw integer counts, not scaled data")
-    sample = data[: 1_000_000]
+    sample = data[:1_000_000]
     if np.any(np.abs(sample - np.round(sample)) > 1e-6):
         raise ScinvInputError(
-            f"{where}: matrix holds non-integer values (normalised or log data?); provide raw UMI counts "
-            "(for .h5ad, put them in layers['counts'] or X)"
+            f"{where}: matrix holds non-integer values (normalised or log data?); provide raw UMI counts (for .h5ad, put them in layers['counts'] or X)"
         )

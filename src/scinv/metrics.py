@@ -9,9 +9,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .preprocess import heldout_cells
 from .errors import ScinvInputError
 from .labels import as_strings, unlabelled
+from .preprocess import heldout_cells
 
 log = logging.getLogger("scinv")
 
@@ -98,16 +98,23 @@ def run_scib(
     sub = sub[stratified_subsample(sub.obs, [batch_key, label_key], max_cells, seed)]
     slim = ad.AnnData(
         X=np.zeros((sub.n_obs, 1), dtype=np.float32),
-        obs=pd.DataFrame({batch_key: sub.obs[batch_key].astype(str).astype("category").to_numpy(),
-                          label_key: sub.obs[label_key].astype(str).astype("category").to_numpy()}, index=sub.obs_names),
+        obs=pd.DataFrame(
+            {batch_key: sub.obs[batch_key].astype(str).astype("category").to_numpy(), label_key: sub.obs[label_key].astype(str).astype("category").to_numpy()},
+            index=sub.obs_names,
+        ),
         obsm={k: np.asarray(sub.obsm[k], dtype=np.float32) for k in embedding_keys + [pre_integrated_key]},
     )
     p = PROFILES[profile]
     bm = Benchmarker(
-        slim, batch_key=batch_key, label_key=label_key, embedding_obsm_keys=embedding_keys + ([pre_integrated_key] if pre_integrated_key not in embedding_keys else []),
+        slim,
+        batch_key=batch_key,
+        label_key=label_key,
+        embedding_obsm_keys=embedding_keys + ([pre_integrated_key] if pre_integrated_key not in embedding_keys else []),
         pre_integrated_embedding_obsm_key=pre_integrated_key,
-        bio_conservation_metrics=BioConservation(**p["bio"]), batch_correction_metrics=BatchCorrection(**p["batch"]),
-        n_jobs=n_jobs, progress_bar=False,
+        bio_conservation_metrics=BioConservation(**p["bio"]),
+        batch_correction_metrics=BatchCorrection(**p["batch"]),
+        n_jobs=n_jobs,
+        progress_bar=False,
     )
     import faiss
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 import shutil
 import tempfile
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -103,10 +103,20 @@ class InVAE:
             adata, layer, batch_key, label_key, unknown_label, invariant_keys, spurious_keys, continuous_keys, _where
         )
         self.hparams = dict(
-            n_latent_inv=n_latent_inv, n_latent_spur=n_latent_spur, n_hidden=n_hidden, n_layers=n_layers,
-            dropout=dropout, batch_norm=batch_norm, prior_mode=prior_mode, kl_estimator=kl_estimator,
-            tc_weight=tc_weight, encode_covariates=encode_covariates, covariate_dropout=covariate_dropout,
-            classifier_weight=classifier_weight, predictor_hidden=predictor_hidden, prior_family=prior_family,
+            n_latent_inv=n_latent_inv,
+            n_latent_spur=n_latent_spur,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout=dropout,
+            batch_norm=batch_norm,
+            prior_mode=prior_mode,
+            kl_estimator=kl_estimator,
+            tc_weight=tc_weight,
+            encode_covariates=encode_covariates,
+            covariate_dropout=covariate_dropout,
+            classifier_weight=classifier_weight,
+            predictor_hidden=predictor_hidden,
+            prior_family=prior_family,
         )
         self.adata = adata
         self._data: EncodedData | None = self.registry.encode(adata, _where) if adata is not None else None
@@ -136,11 +146,20 @@ class InVAE:
             n_labels=self.registry.n_labels,
             n_inv_covariates=self.registry.inv_width,
             n_spur_covariates=self.registry.spur_width,
-            n_latent_inv=h["n_latent_inv"], n_latent_spur=h["n_latent_spur"], n_hidden=h["n_hidden"],
-            n_layers=h["n_layers"], dropout=h["dropout"], batch_norm=h["batch_norm"], prior_mode=h["prior_mode"],
-            kl_estimator=h["kl_estimator"], tc_weight=h["tc_weight"], label_frequencies=label_frequencies,
-            encode_covariates=h["encode_covariates"], covariate_dropout=h["covariate_dropout"],
-            classifier_weight=h.get("classifier_weight", 0.0), prior_family=h.get("prior_family", "gaussian"),
+            n_latent_inv=h["n_latent_inv"],
+            n_latent_spur=h["n_latent_spur"],
+            n_hidden=h["n_hidden"],
+            n_layers=h["n_layers"],
+            dropout=h["dropout"],
+            batch_norm=h["batch_norm"],
+            prior_mode=h["prior_mode"],
+            kl_estimator=h["kl_estimator"],
+            tc_weight=h["tc_weight"],
+            label_frequencies=label_frequencies,
+            encode_covariates=h["encode_covariates"],
+            covariate_dropout=h["covariate_dropout"],
+            classifier_weight=h.get("classifier_weight", 0.0),
+            prior_family=h.get("prior_family", "gaussian"),
         )
 
     @property
@@ -190,10 +209,17 @@ class InVAE:
         if kl_warmup_epochs is None:
             kl_warmup_epochs = 0 if continuing else 20
         config = TrainingConfig(
-            max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            kl_warmup_epochs=kl_warmup_epochs, validation_fraction=validation_fraction,
-            early_stopping_patience=early_stopping_patience, seed=seed, mixed_precision=mixed_precision,
-            checkpoint_every=checkpoint_every, log_every=log_every,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            kl_warmup_epochs=kl_warmup_epochs,
+            validation_fraction=validation_fraction,
+            early_stopping_patience=early_stopping_patience,
+            seed=seed,
+            mixed_precision=mixed_precision,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
         )
         self.device = resolve_device(device)
         seed_everything(seed)
@@ -232,7 +258,9 @@ class InVAE:
         if unseen:
             warnings.warn(
                 f"technical covariates not seen in training {unseen[:5]}: those cells are encoded as 'batch unknown'; "
-                "use map_query to adapt the model to new batches", stacklevel=3)
+                "use map_query to adapt the model to new batches",
+                stacklevel=3,
+            )
         empty = np.zeros((n, 0), np.float32)
         neg = np.full(n, -1, np.int64)
         return EncodedData(self.registry.counts(adata), empty, spur, neg, np.zeros(n, np.int64))
@@ -347,7 +375,7 @@ class InVAE:
         fine_tune_encoder: bool = False,
         seed: int = 0,
         device: str | None = "auto",
-    ) -> "InVAE":
+    ) -> InVAE:
         """Return a copy of the model extended to the new batches of `query` (scArches-style surgery).
 
         The batch category map gains the query's new batches and the spurious prior's first layer
@@ -372,8 +400,9 @@ class InVAE:
             p.requires_grad_(False)
         trainable = list(module.encoder.parameters()) if fine_tune_encoder else []
         n_old = reg.batch.width  # self's registry: the reference batches only
-        new_columns = [layer for layer in (module.prior_spur.net[0] if module.prior_spur.net is not None else None,
-                                           module.encoder.covariates) if layer is not None]
+        new_columns = [
+            layer for layer in (module.prior_spur.net[0] if module.prior_spur.net is not None else None, module.encoder.covariates) if layer is not None
+        ]
         for layer in new_columns if new else []:
             mask = torch.zeros_like(layer.weight)
             mask[:, n_old : n_old + len(new)] = 1.0
@@ -384,8 +413,9 @@ class InVAE:
         if trainable:
             for p in trainable:
                 p.requires_grad_(True)
-            config = TrainingConfig(max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=0.0,
-                                    kl_warmup_epochs=0, seed=seed, early_stopping_patience=10)
+            config = TrainingConfig(
+                max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, kl_warmup_epochs=0, seed=seed, early_stopping_patience=10
+            )
             frozen = [module.decoder] + ([] if fine_tune_encoder else [module.encoder])
             trainer = Trainer(module, query_model._data, config, query_model.device, frozen=frozen)
             trainer.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -463,15 +493,15 @@ class InVAE:
                 shutil.rmtree(tmp)
 
     @classmethod
-    def from_state(cls, config: dict, state: dict[str, torch.Tensor]) -> "InVAE":
+    def from_state(cls, config: dict, state: dict[str, torch.Tensor]) -> InVAE:
         model = cls(_registry=DataRegistry.from_dict(config["registry"]), **config["hparams"])
-        module_state = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
+        module_state = {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
         model.module.load_state_dict(module_state)
         model.module.eval()
         if config.get("has_predictor"):
             h = model.hparams
             model.predictor = InvariantClassifier(h["n_latent_inv"], model.registry.n_labels, h["predictor_hidden"])
-            model.predictor.load_state_dict({k[len("predictor."):]: v for k, v in state.items() if k.startswith("predictor.")})
+            model.predictor.load_state_dict({k[len("predictor.") :]: v for k, v in state.items() if k.startswith("predictor.")})
             model.predictor.eval()
         model.history = config.get("history", [])
         model.predictor_history = config.get("predictor_history", [])
@@ -480,7 +510,7 @@ class InVAE:
         return model
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | None = "cpu") -> "InVAE":
+    def load(cls, path: str | os.PathLike, device: str | None = "cpu") -> InVAE:
         """Load a saved model; needs no training data. Raises a clear error for other formats."""
         path = Path(path)
         cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE

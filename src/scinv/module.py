@@ -408,10 +408,7 @@ def negative_binomial_log_prob(x: torch.Tensor, log_mu: torch.Tensor, log_theta:
     """
     theta = log_theta.exp()
     log_mu_theta = torch.logaddexp(log_mu, log_theta)  # log(mu + theta)
-    return (
-        torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1.0)
-        + theta * (log_theta - log_mu_theta) + x * (log_mu - log_mu_theta)
-    ).sum(-1)
+    return (torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1.0) + theta * (log_theta - log_mu_theta) + x * (log_mu - log_mu_theta)).sum(-1)
 
 
 class _CountLgammaSum(torch.autograd.Function):
@@ -562,8 +559,7 @@ class InVAEModule(nn.Module):
     def _fused_latent(self) -> bool:
         """Whether forward can use :class:`_GaussianLatent` (the default model: analytic KL to
         Gaussian priors with unit variance)."""
-        return (self.prior_family == "gaussian" and self.kl_estimator == "analytic"
-                and self.prior_inv.unit_variance and self.prior_spur.unit_variance)
+        return self.prior_family == "gaussian" and self.kl_estimator == "analytic" and self.prior_inv.unit_variance and self.prior_spur.unit_variance
 
     def latent_and_kl(self, x_log, encoder_covariates, label, inv, spur):
         """Encode, sample (training) and score against the priors: z, qm, qv (B, D), kl_inv (B,),

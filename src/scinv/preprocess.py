@@ -199,8 +199,12 @@ def resolve_cell_thresholds(thr: QCThresholds, n_genes: int) -> QCThresholds:
     scale = min(1.0, n_genes / WHOLE_TRANSCRIPTOME["genes"])
     filled = {k: int(round(WHOLE_TRANSCRIPTOME[k] * scale)) for k in ("min_genes", "min_counts") if getattr(thr, k) is None}
     if filled and scale < 1:
-        log.info("%d genes (a targeted or pre-filtered panel): %s scaled by %.3f; set them to override", n_genes,
-                 ", ".join(f"{k} {WHOLE_TRANSCRIPTOME[k]} -> {v}" for k, v in filled.items()), scale)
+        log.info(
+            "%d genes (a targeted or pre-filtered panel): %s scaled by %.3f; set them to override",
+            n_genes,
+            ", ".join(f"{k} {WHOLE_TRANSCRIPTOME[k]} -> {v}" for k, v in filled.items()),
+            scale,
+        )
     return replace(thr, **filled)
 
 
@@ -260,8 +264,11 @@ def run_qc(adata: ad.AnnData, thr: QCThresholds, batch_key: str = "batch", seed:
         raise ScinvInputError("QC removed every cell; relax --min_genes/--min_counts/--max_pct_mito (see the QC table)")
     empty = [s for s, n in table["kept"].items() if n == 0 and s != "total"]
     if empty:  # one failed sample should not stop an atlas; the QC table and report show it
-        log.warning("QC left zero cells in sample(s) %s: they are dropped and the other samples go on "
-                    "(relax their thresholds with per-sample columns min_genes, min_counts, max_pct_mito)", empty)
+        log.warning(
+            "QC left zero cells in sample(s) %s: they are dropped and the other samples go on "
+            "(relax their thresholds with per-sample columns min_genes, min_counts, max_pct_mito)",
+            empty,
+        )
     if batch_key in kept.obs and kept.obs[batch_key].nunique() < 2 <= adata.obs[batch_key].nunique():
         raise ScinvInputError(
             f"QC left cells in only one batch ({kept.obs[batch_key].iloc[0]}); integration needs two or more. "
@@ -453,6 +460,11 @@ def normalize_and_select(
     hvg = adata[:, adata.var["highly_variable"].to_numpy()].copy()
     n_comps = max(2, min(n_pcs, hvg.n_obs - 1, hvg.n_vars - 1))
     sc.pp.pca(hvg, n_comps=n_comps, random_state=seed)
-    hvg.uns["scinv_normalize"] = {"n_top_genes": int(n_top_genes), "flavor": flavor, "batch_key": str(bk), "target_sum": float(target_sum),
-                                  "hvg": {k: ("" if v is None else v) for k, v in hvg_record.items()}}
+    hvg.uns["scinv_normalize"] = {
+        "n_top_genes": int(n_top_genes),
+        "flavor": flavor,
+        "batch_key": str(bk),
+        "target_sum": float(target_sum),
+        "hvg": {k: ("" if v is None else v) for k, v in hvg_record.items()},
+    }
     return hvg

@@ -63,7 +63,12 @@ def umap_grid(adata, basis: str, keys: list[str], title: str) -> str:
 
 
 def qc_violins(qc_obs: pd.DataFrame) -> str:
-    metrics = [("n_genes_by_counts", "genes per cell"), ("total_counts", "counts per cell"), ("pct_counts_mt", "% mitochondrial"), ("pct_counts_ribo", "% ribosomal")]
+    metrics = [
+        ("n_genes_by_counts", "genes per cell"),
+        ("total_counts", "counts per cell"),
+        ("pct_counts_mt", "% mitochondrial"),
+        ("pct_counts_ribo", "% ribosomal"),
+    ]
     metrics = [m for m in metrics if m[0] in qc_obs.columns]
     samples = sorted(qc_obs["sample"].astype(str).unique())
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
@@ -84,7 +89,15 @@ def qc_scatter(qc_obs: pd.DataFrame) -> str:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     kept = qc_obs["qc_reason"].astype(str) == "kept"
     ax.scatter(qc_obs.loc[~kept, "total_counts"], qc_obs.loc[~kept, "n_genes_by_counts"], s=2, c="#d62728", label="removed", rasterized=True)
-    sc = ax.scatter(qc_obs.loc[kept, "total_counts"], qc_obs.loc[kept, "n_genes_by_counts"], s=2, c=qc_obs.loc[kept, "pct_counts_mt"], cmap="viridis", label="kept", rasterized=True)
+    sc = ax.scatter(
+        qc_obs.loc[kept, "total_counts"],
+        qc_obs.loc[kept, "n_genes_by_counts"],
+        s=2,
+        c=qc_obs.loc[kept, "pct_counts_mt"],
+        cmap="viridis",
+        label="kept",
+        rasterized=True,
+    )
     fig.colorbar(sc, ax=ax, label="% mitochondrial (kept cells)")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -180,10 +193,17 @@ def build_report(
     """Return the full HTML text. Cells labelled `unknown_label` count as unlabelled."""
     sections: list[tuple[str, str]] = []
     colour_keys = [k for k in [batch_key, label_key, *extra_keys] if k]
-    overview = pd.DataFrame({
-        "value": [adata.n_obs, adata.n_vars, adata.obs[batch_key].nunique() if batch_key in adata.obs else "–",
-                  adata.obs[label_key].nunique() if label_key and label_key in adata.obs else "–"]},
-        index=["cells after QC", "genes modelled (HVGs)", "batches", "labels"])
+    overview = pd.DataFrame(
+        {
+            "value": [
+                adata.n_obs,
+                adata.n_vars,
+                adata.obs[batch_key].nunique() if batch_key in adata.obs else "–",
+                adata.obs[label_key].nunique() if label_key and label_key in adata.obs else "–",
+            ]
+        },
+        index=["cells after QC", "genes modelled (HVGs)", "batches", "labels"],
+    )
     sections.append(("Overview", table_html(overview)))
     if qc_obs is not None:
         body = qc_violins(qc_obs) + qc_scatter(qc_obs)
@@ -195,7 +215,8 @@ def build_report(
         sections.append(("Quality control", body))
     hv = adata.uns.get("scinv_normalize", {})
     used = hv.get("hvg", {}).get("flavor") or hv.get("flavor", "?")
-    hv_text = f"{adata.n_vars} highly variable genes ({html.escape(str(used))}, batch key {html.escape(str(hv.get('batch_key', '?')))}); the model is trained on their raw counts."
+    batch_key_used = html.escape(str(hv.get("batch_key", "?")))
+    hv_text = f"{adata.n_vars} highly variable genes ({html.escape(str(used))}, batch key {batch_key_used}); the model is trained on their raw counts."
     if hv.get("hvg", {}).get("fallback"):
         hv_text += f"</p><p class='warn'>Warning: {html.escape(str(hv['hvg']['fallback']))}."
     if "highly_variable_nbatches" in adata.var:
@@ -203,7 +224,13 @@ def build_report(
         hv_text += " Genes selected in n batches: " + ", ".join(f"{int(k)}: {int(v)}" for k, v in nb.items()) + "."
     sections.append(("Highly variable genes", f"<p>{hv_text}</p>"))
     if history:
-        sections.append(("Training", training_curves(history) + f"<p class='note'>{len(history)} epochs; best validation loss {min(h.get('validation_loss', np.inf) for h in history):.2f}.</p>"))
+        sections.append(
+            (
+                "Training",
+                training_curves(history)
+                + f"<p class='note'>{len(history)} epochs; best validation loss {min(h.get('validation_loss', np.inf) for h in history):.2f}.</p>",
+            )
+        )
     umaps = ""
     for basis, name in (("X_umap_scinv_inv", "invariant latent"), ("X_umap_scinv_spur", "spurious latent"), ("X_umap_pca", "unintegrated PCA")):
         if basis in adata.obsm:
@@ -211,7 +238,11 @@ def build_report(
     if umaps:
         sections.append(("Embeddings", umaps))
     if metrics is not None:
-        note = f"<p class='note'>scib-metrics on {metrics.attrs.get('n_cells', 'all')} cells with known labels; raw scores. 'Total' = 0.4 batch + 0.6 bio over all metrics run; 'Total (published)' uses the inVAE paper's aggregation (batch = mean of BRAS and graph connectivity).</p>"
+        note = (
+            f"<p class='note'>scib-metrics on {metrics.attrs.get('n_cells', 'all')} cells with known labels; raw scores. "
+            "'Total' = 0.4 batch + 0.6 bio over all metrics run; 'Total (published)' uses the inVAE paper's aggregation "
+            "(batch = mean of BRAS and graph connectivity).</p>"
+        )
         sections.append(("Integration metrics (scIB)", scib_figure(metrics) + table_html(metrics) + note))
     if label_key and "scinv_prediction" in adata.obs and label_key in adata.obs:
         sections.append(("Label prediction", _prediction_section(adata, label_key, batch_key, label_transfer, heldout_batches or [], unknown_label)))
@@ -223,4 +254,5 @@ def build_report(
     nav = "".join(f'<a href="#s{i}">{html.escape(name)}</a>' for i, (name, _) in enumerate(sections))
     body = "".join(f'<h2 id="s{i}">{html.escape(name)}</h2>{content}' for i, (name, content) in enumerate(sections))
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p class='note'>Generated {stamp}</p><nav>{nav}</nav>{body}</body></html>"
+    head = f"<head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head>"
+    return f"<!DOCTYPE html><html>{head}<body><h1>{html.escape(title)}</h1><p class='note'>Generated {stamp}</p><nav>{nav}</nav>{body}</body></html>"

@@ -178,9 +178,7 @@ class Trainer:
         self.frozen = list(frozen)  # submodules kept in eval mode (batch-norm statistics untouched)
         self.train_idx, self.val_idx = split_train_validation(data.n_cells, config.validation_fraction, config.seed)
         self.optimizer = make_optimizer(module.parameters(), config.lr, config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
-        )
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
         self.loader_rng_seed = config.seed
         self.history: list[dict] = []
         self.epoch = 0
@@ -325,4 +323,3 @@ class Trainer:
             self.bad_epochs += 1
             if self.config.early_stopping_patience and self.bad_epochs >= self.config.early_stopping_patience:
                 self.stopped_early = True
-
