@@ -1,13 +1,12 @@
 #!/usr/bin/env python3
 """BASELINE_*: a reference integration (Harmony or scVI) as a parquet table keyed by cell_id."""
 
-import anndata as ad
 import click
 import pandas as pd
 
 from scinv.baselines import METHODS, harmony_embedding, scvi_embedding
 from scinv.cli import step
-from scinv.io import write_table
+from scinv.io import read_h5ad, write_table
 
 
 @click.command(context_settings={"show_default": True})
@@ -29,7 +28,7 @@ def main(method, input_path, output, batch_key, n_latent, n_hidden, n_layers, ma
 
     if threads > 0:
         torch.set_num_threads(threads)
-    adata = ad.read_h5ad(input_path)
+    adata = read_h5ad(input_path)
     if method == "harmony":
         z = harmony_embedding(adata, batch_key, seed=seed, threads=threads)
     else:

@@ -8,7 +8,7 @@ import pandas as pd
 import scanpy as sc
 
 from scinv.cli import step
-from scinv.io import write_h5ad, write_table
+from scinv.io import read_h5ad, write_h5ad, write_table
 from scinv.model import InVAE
 
 
@@ -31,7 +31,7 @@ def umap(adata, rep: str, key: str, seed: int) -> None:
 @step
 def main(input_path, model_dir, output, embeddings, with_umap, cellxgene, seed):
     """Export embeddings and predictions."""
-    adata = ad.read_h5ad(input_path)
+    adata = read_h5ad(input_path)
     model = InVAE.load(model_dir, device="auto")
     full = model.get_latent_representation(adata, "full")  # one pass; split into the two blocks
     n_inv = model.hparams["n_latent_inv"]

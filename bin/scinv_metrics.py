@@ -1,12 +1,11 @@
 #!/usr/bin/env python3
 """METRICS: scib-metrics on scinv's latents, the unintegrated PCA and any baselines; held-out label transfer."""
 
-import anndata as ad
 import click
 
 from scinv.cli import key_list, step
 from scinv.errors import ScinvInputError
-from scinv.io import write_table
+from scinv.io import read_h5ad, write_table
 from scinv.metrics import PROFILES, add_baseline_embeddings, label_transfer_table, run_scib
 
 
@@ -43,7 +42,7 @@ def main(
     seed,
 ):
     """Score integration with scib-metrics (and label transfer to held-out batches)."""
-    adata = ad.read_h5ad(input_path)
+    adata = read_h5ad(input_path)
     if not label_key:
         raise ScinvInputError("METRICS needs --label_key (bio-conservation metrics compare against labels)")
     heldout = key_list(heldout_batches)

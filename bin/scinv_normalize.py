@@ -1,12 +1,11 @@
 #!/usr/bin/env python3
 """NORMALIZE: normalize_total + log1p, batch-aware HVG selection on raw counts, PCA."""
 
-import anndata as ad
 import click
 
 from scinv.cli import step
 from scinv.errors import ScinvInputError
-from scinv.io import write_h5ad
+from scinv.io import read_h5ad, write_h5ad
 from scinv.preprocess import normalize_and_select
 
 
@@ -27,7 +26,7 @@ from scinv.preprocess import normalize_and_select
 @step
 def main(input_path, output, batch_key, n_top_genes, flavor, target_sum, n_pcs, seed):
     """Normalise and select highly variable genes."""
-    adata = ad.read_h5ad(input_path)
+    adata = read_h5ad(input_path)
     if "counts" not in adata.layers:
         raise ScinvInputError(f"{input_path}: layers['counts'] missing; run CHECK_INPUT/QC first")
     if batch_key not in adata.obs:

@@ -1,11 +1,10 @@
 #!/usr/bin/env python3
 """QC: per-cell metrics, threshold and MAD filters, per-batch doublet detection, kept/removed table."""
 
-import anndata as ad
 import click
 
 from scinv.cli import step
-from scinv.io import write_h5ad, write_table
+from scinv.io import read_h5ad, write_h5ad, write_table
 from scinv.preprocess import QCThresholds, run_qc
 
 
@@ -36,7 +35,7 @@ from scinv.preprocess import QCThresholds, run_qc
 @step
 def main(input_path, output, summary, cells_out, batch_key, min_genes, min_counts, max_counts, max_pct_mito, min_cells_per_gene, mad_threshold, doublets, seed):
     """Filter low-quality cells and doublets."""
-    adata = ad.read_h5ad(input_path)
+    adata = read_h5ad(input_path)
     thr = QCThresholds(min_genes, min_counts, max_counts, max_pct_mito, min_cells_per_gene, mad_threshold, doublets)
     cols = ["sample", batch_key, "n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo", "doublet_score", "qc_reason"]
     kept, table = run_qc(adata, thr, batch_key, seed)

@@ -4,12 +4,11 @@
 import json
 from pathlib import Path
 
-import anndata as ad
 import click
 import pandas as pd
 
 from scinv.cli import key_list, step
-from scinv.io import write_text
+from scinv.io import read_h5ad, write_text
 from scinv.report import build_report
 
 
@@ -48,7 +47,7 @@ def main(
     title,
 ):
     """Build the HTML report."""
-    adata = ad.read_h5ad(input_path)
+    adata = read_h5ad(input_path)
     exists = lambda p: p and Path(p).exists()  # noqa: E731
     qc_obs = pd.read_parquet(qc_cells) if exists(qc_cells) else None
     summary = pd.read_csv(qc_summary, index_col=0) if exists(qc_summary) else None

@@ -1,14 +1,13 @@
 #!/usr/bin/env python3
 """TRAIN_INVAE: train the inVAE model (and its invariant label predictor) on raw HVG counts."""
 
-import anndata as ad
 import click
 import torch
 
 from scinv.cli import key_list, step
 from scinv.data import hide_heldout_labels
 from scinv.errors import ScinvInputError
-from scinv.io import write_table
+from scinv.io import read_h5ad, write_table
 from scinv.model import InVAE
 
 
@@ -96,7 +95,7 @@ def main(
 
     if threads > 0:
         torch.set_num_threads(threads)
-    adata = ad.read_h5ad(input_path)
+    adata = read_h5ad(input_path)
     if key_list(heldout_batches):
         if not label_key:
             raise ScinvInputError("--heldout-batches needs --label-key (whose labels to hide)")

@@ -221,7 +221,8 @@ def test_report_on_non_h5ad(tmp_path):
     bad = tmp_path / "f.h5ad"
     bad.write_text("not hdf5")
     res = run_script("scinv_report.py", "--input", str(bad), "--output", str(tmp_path / "r.html"))
-    assert res.returncode != 0 and not (tmp_path / "r.html").exists()
+    assert res.returncode == 2 and "not a valid .h5ad" in one_error_line(res.stderr)
+    assert not (tmp_path / "r.html").exists()
 
 
 def qc_args(tmp_path, data, *extra):

@@ -152,15 +152,17 @@ def test_a_mapped_query_model_refuses_train_and_keeps_reference_weights(trained)
 
 
 def test_unknown_labels_train_and_get_predictions(small_adata):
-    small_adata.obs["cell_type"] = small_adata.obs["cell_type"].astype(str)
+    truth = small_adata.obs["cell_type"].astype(str).to_numpy(copy=True)
+    small_adata.obs["cell_type"] = truth
     small_adata.obs.loc[small_adata.obs_names[:100], "cell_type"] = "Unknown"
     model = make_model(small_adata)
     assert model.registry.labels == ["t0", "t1", "t2", "t3"]
     assert (model._data.labels == -1).sum() == 100
-    model.train(**FAST)
-    model.train_predictor(max_epochs=10)
+    model.train(**{**FAST, "max_epochs": 40})
+    model.train_predictor(max_epochs=30)
     labels, probs = model.predict(small_adata[:100])
-    assert set(labels) <= {"t0", "t1", "t2", "t3"}
+    # cells whose labels training never saw get their true type far above chance (0.25)
+    assert (labels == truth[:100]).mean() > 0.6 and probs.shape == (100, 4)
 
 
 def test_same_seed_same_embedding(small_adata):

@@ -94,6 +94,7 @@ def test_profile_test_end_to_end_and_resume(tmp_path):
     assert list(info.glob("execution_trace_*.txt")) and list(info.glob("execution_report_*.html")) and list(info.glob("execution_timeline_*.html"))
     versions = (info / "software_versions.yml").read_text()
     assert all(f"SCINV:{p}" in versions for p in PROCESSES if p != "REPORT")
+    assert all(f"SCINV:{p}" in html for p in PROCESSES)  # the report lists every step's versions, its own too
     assert json.loads((info / "params.json").read_text())["label_key"] == "celltype_derived"
     qc = pd.read_csv(outdir / "qc" / "scinv_qc_summary.csv", index_col=0)
     assert qc.loc["total", "before"] == 10706 and qc.loc["total", "kept"] == final.n_obs

@@ -78,6 +78,18 @@ def _write_unnamed_then_link(directory: Path, name: Path, data) -> bool:
         os.close(fd)
 
 
+def read_h5ad(path: str | os.PathLike, **kwargs) -> ad.AnnData:
+    """anndata.read_h5ad, with a damaged or foreign file reported as one ScinvInputError line."""
+    path = Path(path)
+    if not h5py.is_hdf5(path):
+        raise ScinvInputError(f"{path}: not a valid .h5ad (not HDF5: truncated or another format); rerun the step that wrote it")
+    try:
+        return ad.read_h5ad(path, **kwargs)
+    except Exception as err:  # h5py/anndata raise many types for damaged files
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ScinvInputError(f"{path}: cannot read this .h5ad ({first}); rerun the step that wrote it") from err
+
+
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp, compression="gzip")

@@ -232,7 +232,6 @@ class InVAE:
         new = [{**record, "epoch": record["epoch"] + done} for record in trainer.fit(checkpoint_dir, resume)]
         self.history = (self.history if continuing else []) + new
         self.train_config = asdict(config)
-        self._split = (trainer.train_idx, trainer.val_idx)
         return self.history
 
     # -- inference ------------------------------------------------------------------------------------

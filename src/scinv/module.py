@@ -529,9 +529,6 @@ class InVAEModule(nn.Module):
         keep = torch.rand(spur.shape[0], 1, device=spur.device) >= self.covariate_dropout
         return spur * keep
 
-    def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return z[..., : self.n_latent_inv], z[..., self.n_latent_inv :]
-
     def _inv_prior_input(self, label: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
         if self.n_labels == 0:
             return inv

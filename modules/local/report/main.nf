@@ -15,20 +15,21 @@ process REPORT {
     def args = task.ext.args ?: ''
     def tables = metrics instanceof List ? metrics : (metrics ? [metrics] : [])
     def metrics_arg = tables.collect { f -> f.name.endsWith('_label_transfer.csv') ? "--label-transfer ${f}" : "--metrics ${f}" }.join(' ')
+    // the report lists every step's versions, its own included (they cannot reach the collected file it reads)
     """
     export MPLCONFIGDIR=\$PWD/.mpl
+    scinv_versions.py "${task.process}" matplotlib pandas > versions.yml
+    cat ${versions} versions.yml > all_versions.yml
     scinv_report.py \\
         --input ${h5ad} \\
         --output ${meta.id}_report.html \\
         --qc-cells ${qc_cells} \\
         --qc-summary ${qc_summary} \\
         --model-dir ${model} \\
-        --versions ${versions} \\
+        --versions all_versions.yml \\
         --params ${params_json} \\
         ${metrics_arg} \\
         ${args}
-
-    scinv_versions.py "${task.process}" matplotlib pandas > versions.yml
     """
 
     stub:
