@@ -19,6 +19,13 @@ from scinv.module import (
 )
 
 
+@pytest.fixture(autouse=True)
+def fused_kernels(monkeypatch):
+    """The tests here are about the fused kernels: they ignore a SCINV_PLAIN_MATH set in the
+    environment; those comparing with the plain path set it themselves."""
+    monkeypatch.delenv("SCINV_PLAIN_MATH", raising=False)
+
+
 def test_negative_binomial_matches_torch_distribution():
     torch.manual_seed(0)
     x = torch.poisson(torch.rand(5, 7) * 3)
@@ -410,3 +417,156 @@ def test_count_lgamma_sum_matches_lgamma_and_its_gradient_is_exact(torch_threads
     fast = count_lgamma_sum(log_theta, at_least, cols[~binned], vals[~binned])
     assert torch.allclose(fast, exact)
     assert torch.autograd.gradcheck(lambda lt: count_lgamma_sum(lt, at_least, cols[~binned], vals[~binned]), (log_theta,))
+
+
+# -- fused kernels vs their plain autograd twins (SCINV_PLAIN_MATH) ------------------------------------
+# each fused kernel, by the name InVAEModule calls it under, and its plain twin
+KERNEL_TWINS = {
+    "gaussian_latent": "gaussian_latent_plain",  # _GaussianLatent
+    "nb_log_prob_dense": "nb_log_prob_dense_plain",  # _NBFromLogits
+    "count_lgamma_sum": "count_lgamma_sum_plain",  # _CountLgammaSum
+}
+CUSTOM_NODES = {"_GaussianLatentBackward", "_NBFromLogitsBackward", "_CountLgammaSumBackward"}
+
+
+def _loader_batch(adata, dtype=torch.float64):
+    """One training batch as the loader builds it (count histogram share, tail counts above 16,
+    log-factorial and library terms), labelled with some unknown labels, floats cast to `dtype`."""
+    from scinv.data import DataRegistry, MinibatchLoader
+
+    X = adata.layers["counts"].tolil() if "counts" in adata.layers else adata.X.tolil()
+    X[0, 0], X[1, 3], X[2, 5] = 40.0, 17.0, 16.0  # tail entries and the last histogram bin
+    adata.X = X.tocsr()
+    reg = DataRegistry.from_anndata(adata, batch_key="batch", label_key="cell_type")
+    data = reg.encode(adata)
+    batch = next(iter(MinibatchLoader(data, batch_size=48, shuffle=False)))
+    batch["label"][::5] = -1  # the label-marginal prior
+    batch = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()}
+    assert len(batch["tail_vals"]) >= 2
+    return batch, len(reg.labels), batch["spur"].shape[1]
+
+
+def _module(n_genes, n_labels, n_spur, setting, dtype):
+    torch.manual_seed(0)
+    extra = {"tc_weight": 0.5, "classifier_weight": 1.0} if setting == "tc+classifier" else {}
+    m = InVAEModule(n_genes=n_genes, n_labels=n_labels, n_inv_covariates=0, n_spur_covariates=n_spur, n_hidden=32, **extra).to(dtype)
+    torch.nn.init.normal_(m.log_theta, std=0.5)
+    return m.eval() if setting == "eval" else m.train()
+
+
+def _losses_and_gradients(m, batch):
+    """The full forward's losses and every parameter's gradient, from the same random draws."""
+    m.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    out = m(batch)
+    out["loss"].backward()
+    return {k: v.detach() for k, v in out.items()}, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _assert_same(fused, plain, rtol, grad_rtol):
+    (fused_losses, fused_grads), (plain_losses, plain_grads) = fused, plain
+    for k in fused_losses:
+        torch.testing.assert_close(fused_losses[k], plain_losses[k], rtol=rtol, atol=rtol, msg=lambda m, k=k: f"loss {k}: {m}")
+    assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) > 10
+    for name, g in fused_grads.items():
+        # relative to the gradient's own scale: elementwise rtol alone fails on entries that cancel to ~0
+        scale = plain_grads[name].abs().max().item()
+        torch.testing.assert_close(g, plain_grads[name], rtol=grad_rtol, atol=grad_rtol * scale, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("setting", ["train", "tc+classifier", "eval"])
+@pytest.mark.parametrize("kernel", [*KERNEL_TWINS, "SCINV_PLAIN_MATH=1"])
+def test_fused_kernel_equals_its_plain_twin_in_the_full_forward(small_adata, monkeypatch, torch_threads, kernel, setting):
+    """Each fused kernel (and all at once, by the switch) against plain autograd: the losses and
+    the gradient of every parameter of InVAEModule's forward, in fp64 so that the tolerance can be
+    tight (a wrong backward is off by far more). 'tc+classifier' also feeds gradients into the
+    latent kernel's qm and qv outputs; 'eval' takes the no-noise branch (z = qm)."""
+    import scinv.module
+
+    batch, n_labels, n_spur = _loader_batch(small_adata)
+    m = _module(small_adata.n_vars, n_labels, n_spur, setting, torch.float64)
+    assert m._fused_latent and "count_at_least" in batch  # the forward really goes through all three kernels
+    fused = _losses_and_gradients(m, batch)
+    with monkeypatch.context() as patch:
+        if kernel in KERNEL_TWINS:
+            patch.setattr(scinv.module, kernel, getattr(scinv.module, KERNEL_TWINS[kernel]))
+        else:
+            patch.setenv("SCINV_PLAIN_MATH", "1")
+        plain = _losses_and_gradients(m, batch)
+    _assert_same(fused, plain, rtol=1e-12, grad_rtol=1e-11)
+
+
+def test_plain_math_matches_fused_in_fp32(small_adata, monkeypatch, torch_threads):
+    """The switch in the training dtype: fused and plain differ by fp32 rounding only."""
+    batch, n_labels, n_spur = _loader_batch(small_adata, torch.float32)
+    m = _module(small_adata.n_vars, n_labels, n_spur, "tc+classifier", torch.float32)
+    fused = _losses_and_gradients(m, batch)
+    monkeypatch.setenv("SCINV_PLAIN_MATH", "1")
+    _assert_same(fused, _losses_and_gradients(m, batch), rtol=1e-5, grad_rtol=5e-5)
+
+
+def _autograd_node_names(t: torch.Tensor) -> set[str]:
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def test_plain_math_switch_selects_the_plain_path(small_adata, monkeypatch):
+    """SCINV_PLAIN_MATH=1: no custom autograd Function and no hardtanh in the graph, no numpy
+    transcendental (on one thread, where the fused path uses them), dropout masks by comparison,
+    AdamW not fused. Unset (or 0): all of them. Read at every call."""
+    import types
+
+    import scinv.nn.nb
+    from scinv.module import Dropout, plain_math
+    from scinv.training import make_optimizer
+
+    calls = []
+
+    def spy(fn):
+        return lambda *a, **k: calls.append(fn.__name__) or fn(*a, **k)
+
+    monkeypatch.setattr(scinv.nn.nb, "np", types.SimpleNamespace(exp2=spy(np.exp2), log1p=spy(np.log1p), log=spy(np.log)))
+    monkeypatch.setattr(Dropout, "mask", lambda self, draws, mask=Dropout.mask: calls.append("mask:" + str(plain_math())) or mask(self, draws))
+    batch, n_labels, n_spur = _loader_batch(small_adata, torch.float32)
+    m = _module(small_adata.n_vars, n_labels, n_spur, "train", torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for value, plain in (("0", False), ("1", True), ("", False), ("true", True), (None, False)):
+            if value is None:
+                monkeypatch.delenv("SCINV_PLAIN_MATH", raising=False)
+            else:
+                monkeypatch.setenv("SCINV_PLAIN_MATH", value)
+            assert plain_math() is plain
+            calls.clear()
+            nodes = _autograd_node_names(m(batch)["loss"])
+            if plain:
+                assert not nodes & CUSTOM_NODES and not any("Hardtanh" in n for n in nodes), nodes
+                assert calls and set(calls) == {"mask:True"}, calls  # dropout ran, numpy never
+            else:
+                assert CUSTOM_NODES <= nodes and "HardtanhBackward0" in nodes
+                assert {"exp2", "log1p", "log", "mask:False"} <= set(calls)
+            assert bool(make_optimizer([torch.nn.Parameter(torch.zeros(3))], 1e-3, 0.0).defaults["fused"]) is not plain
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fused_and_plain_adamw_take_the_same_step(monkeypatch):
+    from scinv.training import make_optimizer
+
+    torch.manual_seed(0)
+    params = {mode: torch.nn.Parameter(torch.randn(50, 7)) for mode in ("fused", "plain")}
+    params["plain"].data.copy_(params["fused"].data)
+    for mode, p in params.items():
+        monkeypatch.setenv("SCINV_PLAIN_MATH", "1" if mode == "plain" else "0")
+        opt = make_optimizer([p], 1e-2, 1e-4)
+        torch.manual_seed(1)
+        for _ in range(3):
+            p.grad = torch.randn_like(p)
+            opt.step()
+    torch.testing.assert_close(params["fused"], params["plain"], rtol=1e-6, atol=1e-7)

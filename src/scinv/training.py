@@ -19,7 +19,7 @@ import torch
 from .data import EncodedData, MinibatchLoader, split_train_validation
 from .errors import ScinvInputError
 from .io import write_bytes_atomically
-from .module import InVAEModule
+from .module import InVAEModule, plain_math
 
 log = logging.getLogger("scinv")
 CHECKPOINT_NAME = "last.ckpt"
@@ -125,10 +125,10 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, fused into one kernel where this torch build supports it (CPU and CUDA since 2.4)."""
+    """AdamW, fused into one kernel where this torch build supports it (CPU and CUDA since 2.4); not under SCINV_PLAIN_MATH=1."""
     params = list(params)
     try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=not plain_math())
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
