@@ -8,7 +8,7 @@ STAMP      := $(VENV)/.installed
 OUTDIR     ?= results
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format docker-build docker-test nextflow example-data wheelhouse clean help
+.PHONY: setup demo test test-fast lint format options docker-build docker-test nextflow example-data wheelhouse clean help
 
 help:
 	@echo "make demo   - set up, then run the pipeline on the bundled data (-profile test)"
@@ -16,6 +16,7 @@ help:
 	@echo "make setup  - create .venv with pinned packages and install the pinned Nextflow"
 	@echo "make lint   - ruff lint and format check (what CI runs)"
 	@echo "make format - apply ruff's fixes and formatting"
+	@echo "make options - write the pipeline's model/training parameters from src/scinv/config.py"
 	@echo "make docker-test - build the CPU image and run -profile test,docker against a local run"
 
 setup: $(STAMP) nextflow example-data
@@ -54,6 +55,10 @@ test: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# nextflow_schema.json, nextflow.config and conf/modules.config from the one definition of the options
+options: $(STAMP)
+	$(VPY) scripts/sync_options.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +27,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .config import ModelConfig, PredictorConfig, TrainingConfig
 from .data import UNKNOWN_LABEL, DataRegistry, EncodedData, MinibatchLoader, split_train_validation
 from .errors import ScinvInputError
 from .module import InVAEModule, InvariantClassifier, invariant_risk
-from .training import Trainer, TrainingConfig, keep_freed_memory_for_reuse, progress, resolve_device, seed_everything
+from .training import Trainer, keep_freed_memory_for_reuse, progress, resolve_device, seed_everything
 
 MODEL_FORMAT = 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 REPRESENTATIONS = ("inv", "spur", "full")
+DEFAULT_KL_WARMUP_EPOCHS = 20  # a first train(); a continuing one warms up for 0 epochs
+
+
+def _make_config(cls, options: dict, what: str):
+    """`cls(**options)`, with an unknown keyword named (and the class that lists the valid ones)."""
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(f"unknown {what}(s) {unknown}; the valid ones are the fields of scinv.config.{cls.__name__}: {sorted(valid)}")
+    return cls(**options)
 
 
 class InVAE:
@@ -52,8 +63,10 @@ class InVAE:
     invariant_keys, spurious_keys
         Extra biological / technical obs columns for the two priors; `continuous_keys` lists those
         to treat as continuous.
-    n_latent_inv, n_latent_spur, n_hidden, n_layers, dropout, batch_norm
-        Architecture (encoder and decoder both use n_layers hidden layers of n_hidden units).
+    **model_options
+        The fields of :class:`scinv.config.ModelConfig` (each documented there), e.g.
+        n_latent_inv, n_latent_spur, n_hidden, n_layers, dropout, batch_norm: the architecture
+        (encoder and decoder both use n_layers hidden layers of n_hidden units).
     prior_mode
         'mean' (learned mean, unit variance), 'variance' (zero mean, learned variance) or 'both'.
     encode_covariates, covariate_dropout
@@ -82,42 +95,16 @@ class InVAE:
         invariant_keys: Sequence[str] = (),
         spurious_keys: Sequence[str] = (),
         continuous_keys: Sequence[str] = (),
-        n_latent_inv: int = 20,
-        n_latent_spur: int = 5,
-        n_hidden: int = 128,
-        n_layers: int = 2,
-        dropout: float = 0.1,
-        batch_norm: bool = True,
-        prior_mode: str = "mean",
-        kl_estimator: str = "analytic",
-        tc_weight: float = 0.0,
-        encode_covariates: bool = False,
-        covariate_dropout: float = 0.2,
-        classifier_weight: float = 20.0,
-        prior_family: str = "gaussian",
-        predictor_hidden: int = 64,
+        *,
         _registry: DataRegistry | None = None,
         _where: str = "AnnData",
+        **model_options,
     ):
+        self.config = _make_config(ModelConfig, model_options, "model option")
         self.registry = _registry or DataRegistry.from_anndata(
             adata, layer, batch_key, label_key, unknown_label, invariant_keys, spurious_keys, continuous_keys, _where
         )
-        self.hparams = dict(
-            n_latent_inv=n_latent_inv,
-            n_latent_spur=n_latent_spur,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout=dropout,
-            batch_norm=batch_norm,
-            prior_mode=prior_mode,
-            kl_estimator=kl_estimator,
-            tc_weight=tc_weight,
-            encode_covariates=encode_covariates,
-            covariate_dropout=covariate_dropout,
-            classifier_weight=classifier_weight,
-            predictor_hidden=predictor_hidden,
-            prior_family=prior_family,
-        )
+        self.hparams = asdict(self.config)  # saved with the model; _build_module reads it
         self.adata = adata
         self._data: EncodedData | None = self.registry.encode(adata, _where) if adata is not None else None
         if self._data is not None:
@@ -172,31 +159,17 @@ class InVAE:
         return self._data
 
     # -- training -------------------------------------------------------------------------------------
-    def train(
-        self,
-        max_epochs: int = 200,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        kl_warmup_epochs: int | None = None,
-        validation_fraction: float = 0.1,
-        early_stopping_patience: int = 20,
-        seed: int = 0,
-        device: str | None = "auto",
-        mixed_precision: bool = True,
-        checkpoint_dir: str | os.PathLike | None = None,
-        checkpoint_every: int = 0,
-        resume: bool = True,
-        log_every: int = 1,
-    ) -> list[dict]:
+    def train(self, *, device: str | None = "auto", resume: bool = True, **training_options) -> list[dict]:
         """Train the VAE. Returns the per-epoch history (train/validation loss per term, lr, seconds).
 
         The first call starts from fresh weights drawn with `seed`. A later call continues from the
         current weights, as in scvi-tools, for up to `max_epochs` more epochs, and appends to the
         history. `kl_warmup_epochs` defaults to 20 on the first call and 0 when continuing. A model
         made by :meth:`map_query` refuses `train()`: its reference weights stay frozen.
-        With `checkpoint_dir` and `checkpoint_every` > 0 the full state (weights, optimiser,
-        scheduler, RNG, epoch) is saved every N epochs, and a new call resumes from it.
+        `training_options` are the fields of :class:`scinv.config.TrainingConfig` (max_epochs,
+        batch_size, lr, seed, ...). With `checkpoint_dir` the full state (weights, optimiser,
+        scheduler, RNG, epoch) is saved every `checkpoint_every` epochs, and a new call with
+        `resume` continues from it.
         """
         if self._data is None:
             raise ScinvInputError("this model has no training data; create it from an AnnData to train")
@@ -206,30 +179,18 @@ class InVAE:
                 "train its query part with map_query(query, max_epochs=...) on the reference model instead"
             )
         continuing = bool(self.history)
-        if kl_warmup_epochs is None:
-            kl_warmup_epochs = 0 if continuing else 20
-        config = TrainingConfig(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            kl_warmup_epochs=kl_warmup_epochs,
-            validation_fraction=validation_fraction,
-            early_stopping_patience=early_stopping_patience,
-            seed=seed,
-            mixed_precision=mixed_precision,
-            checkpoint_every=checkpoint_every,
-            log_every=log_every,
-        )
+        config = _make_config(TrainingConfig, training_options, "training option")
+        if config.kl_warmup_epochs is None:
+            config.kl_warmup_epochs = 0 if continuing else DEFAULT_KL_WARMUP_EPOCHS
         self.device = resolve_device(device)
-        seed_everything(seed)
+        seed_everything(config.seed)
         if continuing:
             progress(f"continuing training from the current weights (after {len(self.history)} epochs)")
         else:
             self.module = self._build_module(self._label_frequencies())
         trainer = Trainer(self.module, self._data, config, self.device)
         done = len(self.history) if continuing else 0
-        new = [{**record, "epoch": record["epoch"] + done} for record in trainer.fit(checkpoint_dir, resume)]
+        new = [{**record, "epoch": record["epoch"] + done} for record in trainer.fit(config.checkpoint_dir, resume)]
         self.history = (self.history if continuing else []) + new
         self.train_config = asdict(config)
         return self.history
@@ -265,22 +226,16 @@ class InVAE:
         return EncodedData(self.registry.counts(adata), empty, spur, neg, np.zeros(n, np.int64))
 
     # -- invariant predictor -------------------------------------------------------------------------
-    def train_predictor(
-        self,
-        max_epochs: int = 100,
-        batch_size: int = 512,
-        lr: float = 1e-3,
-        irm_weight: float = 0.0,
-        n_samples: int = 1,
-        early_stopping_patience: int = 10,
-        seed: int = 0,
-    ) -> list[dict]:
+    def train_predictor(self, **predictor_options) -> list[dict]:
         """Fit the label classifier on z_inv of the labelled training cells, across environments.
 
         The objective is environment-balanced ERM (each batch weighs the same), plus the IRMv1
         penalty when `irm_weight` > 0. Each epoch draws fresh posterior samples of z_inv
         (`n_samples` per cell) as augmentation; validation uses posterior means.
+        `predictor_options` are the fields of :class:`scinv.config.PredictorConfig`.
         """
+        c = _make_config(PredictorConfig, predictor_options, "predictor option")
+        max_epochs, batch_size, lr, irm_weight, n_samples, seed = c.max_epochs, c.batch_size, c.lr, c.irm_weight, c.n_samples, c.seed
         if self.registry.n_labels < 2:
             raise ScinvInputError("the predictor needs a label_key with at least two known labels")
         data = self._training_data()
@@ -318,7 +273,7 @@ class InVAE:
                 best_state = {k: v.clone() for k, v in self.predictor.state_dict().items()}
             else:
                 bad += 1
-                if bad >= early_stopping_patience:
+                if bad >= c.early_stopping_patience:
                     break
         if best_state is not None:
             self.predictor.load_state_dict(best_state)
@@ -413,12 +368,10 @@ class InVAE:
             for p in trainable:
                 p.requires_grad_(True)
             config = TrainingConfig(
-                max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, kl_warmup_epochs=0, seed=seed, early_stopping_patience=10
+                max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, kl_warmup_epochs=0, seed=seed, early_stopping_patience=10, lr_factor=0.1
             )
             frozen = [module.decoder] + ([] if fine_tune_encoder else [module.encoder])
-            trainer = Trainer(module, query_model._data, config, query_model.device, frozen=frozen)
-            trainer.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-            trainer.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, patience=config.lr_patience)
+            trainer = Trainer(module, query_model._data, config, query_model.device, frozen=frozen, parameters=trainable)
             query_model.history = trainer.fit()
         for p in module.parameters():
             p.requires_grad_(True)

@@ -10,12 +10,12 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .config import TrainingConfig
 from .data import EncodedData, MinibatchLoader, split_train_validation
 from .errors import ScinvInputError
 from .io import write_bytes_atomically
@@ -65,24 +65,6 @@ class CheckpointStore:
             return torch.load(self.path, map_location="cpu", weights_only=True)
         with self._fs().open(self.path, "rb") as fh:
             return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
-
-
-@dataclass
-class TrainingConfig:
-    max_epochs: int = 200
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    kl_warmup_epochs: int = 20
-    validation_fraction: float = 0.1
-    early_stopping_patience: int = 20
-    lr_patience: int = 8
-    lr_factor: float = 0.5
-    min_delta: float = 0.0
-    seed: int = 0
-    mixed_precision: bool = True
-    checkpoint_every: int = 0
-    log_every: int = 1
 
 
 def seed_everything(seed: int) -> None:
@@ -173,11 +155,13 @@ class _RunningMeans:
 class Trainer:
     """Fits an :class:`InVAEModule` on :class:`EncodedData`. History is a list of per-epoch dicts."""
 
-    def __init__(self, module: InVAEModule, data: EncodedData, config: TrainingConfig, device: torch.device, frozen=()):
+    def __init__(self, module: InVAEModule, data: EncodedData, config: TrainingConfig, device: torch.device, frozen=(), parameters=None):
+        """`frozen`: submodules kept in eval mode (batch-norm statistics untouched); `parameters`:
+        what the optimiser updates (default: every parameter of `module`)."""
         self.module, self.data, self.config, self.device = module.to(device), data, config, device
-        self.frozen = list(frozen)  # submodules kept in eval mode (batch-norm statistics untouched)
+        self.frozen = list(frozen)
         self.train_idx, self.val_idx = split_train_validation(data.n_cells, config.validation_fraction, config.seed)
-        self.optimizer = make_optimizer(module.parameters(), config.lr, config.weight_decay)
+        self.optimizer = make_optimizer(module.parameters() if parameters is None else parameters, config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
         self.loader_rng_seed = config.seed
         self.history: list[dict] = []
@@ -234,7 +218,7 @@ class Trainer:
         self.val_loader = MinibatchLoader(self.data, self.val_idx, max(c.batch_size, 1024), False, c.seed, self.device, x_log_dtype=x_log_dtype)
 
     def kl_weight(self, epoch: int) -> float:
-        w = self.config.kl_warmup_epochs
+        w = self.config.kl_warmup_epochs or 0
         return 1.0 if w <= 0 else min(1.0, (epoch + 1) / w)
 
     def _run_epoch(self, epoch: int) -> dict:

@@ -13,7 +13,6 @@ process TRAIN_INVAE {
     script:
     def args = task.ext.args ?: ''
     def device = task.ext.use_gpu ? 'cuda' : 'auto'
-    def ckpt = params.checkpoint_dir ? "--checkpoint-dir ${params.checkpoint_dir}/${meta.id}" : ''
     """
     scinv_train.py \\
         --input ${h5ad} \\
@@ -21,7 +20,6 @@ process TRAIN_INVAE {
         --history ${meta.id}_training_history.csv \\
         --device ${device} \\
         --threads ${task.cpus} \\
-        ${ckpt} \\
         ${args}
 
     scinv_versions.py "${task.process}" torch anndata safetensors > versions.yml
