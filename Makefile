@@ -28,7 +28,7 @@ example-data: assets/liao2020/derived_celltype_labels.csv
 assets/liao2020/derived_celltype_labels.csv: | $(STAMP)
 	$(VPY) scripts/derive_liao2020_labels.py
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@command -v java >/dev/null && command -v mvn >/dev/null || { \
 	  echo "Java and Maven are needed for Nextflow: installing with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven; }
@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e ".[test,baselines]"
+	$(VPY) -m pip install -q -c constraints.txt -e ".[test,baselines]"
 	touch $(STAMP)
 
 nextflow:
@@ -78,7 +78,7 @@ test-fast: setup
 # Wheels of scinv and every pinned dependency, for machines without internet (GPU nodes):
 #   python3 -m venv .venv && .venv/bin/pip install --no-index --find-links wheels "scinv[baselines]"
 wheelhouse: setup
-	$(VPY) -m pip wheel -q -w wheels ".[test,baselines]"
+	$(VPY) -m pip wheel -q -c constraints.txt -w wheels ".[test,baselines]"
 
 clean:
 	rm -rf work results .nextflow .nextflow.log* .pytest_cache .docker-test
