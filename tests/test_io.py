@@ -53,7 +53,7 @@ def test_missing_samplesheet(tmp_path):
 def test_wrong_file_type_and_truncated_files(tmp_path):
     txt = tmp_path / "x.txt"
     txt.write_text("hello")
-    with pytest.raises(ScinvInputError, match="unsupported input"):
+    with pytest.raises(ScinvInputError, match="unsupported file or folder"):
         read_counts(txt)
     fake = tmp_path / "x.h5ad"
     fake.write_text("not hdf5")

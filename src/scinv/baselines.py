@@ -19,7 +19,7 @@ METHODS = ("harmony", "scvi")
 
 def _check_batches(adata: ad.AnnData, batch_key: str, method: str) -> None:
     if batch_key not in adata.obs.columns:
-        raise ScinvInputError(f"{method}: obs column '{batch_key}' not found; fix --batch_key")
+        raise ScinvInputError(f"{method}: obs column '{batch_key}' not found; fix batch_key")
     if adata.obs[batch_key].nunique() < 2:
         raise ScinvInputError(f"{method}: only one batch in '{batch_key}'; a batch correction needs two or more")
 
@@ -78,7 +78,7 @@ def scvi_embedding(
     try:
         import scvi
     except ImportError as err:  # pragma: no cover - depends on the install
-        raise ScinvInputError("scvi baseline needs scvi-tools: pip install 'scinv[baselines]' (or drop 'scvi' from --baselines)") from err
+        raise ScinvInputError("scvi baseline needs scvi-tools: pip install 'scinv[baselines]' (or drop 'scvi' from baselines)") from err
 
     _check_batches(adata, batch_key, "scvi")
     if layer and layer not in adata.layers:

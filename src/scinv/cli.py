@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -11,6 +12,30 @@ from importlib.metadata import PackageNotFoundError, version
 import click
 
 from .errors import ScinvInputError
+
+# The library names parameters as its functions do (batch_key); the pipeline's steps name the
+# pipeline parameter a user sets instead (--batch_key).
+PIPELINE_PARAMETERS = (
+    "batch_key",
+    "label_key",
+    "heldout_batches",
+    "annotations",
+    "input",
+    "min_genes",
+    "min_counts",
+    "max_pct_mito",
+    "min_cells_per_gene",
+    "baselines",
+    "unknown_label",
+)
+_NAME = "(?:" + "|".join(PIPELINE_PARAMETERS) + ")"
+# whole words, not inside paths, file names or quoted column values; 'a/b/c' lists of names as well
+_PARAMETERS = re.compile(rf"(?<![\w'./-])({_NAME}(?:/{_NAME})*)(?![\w'./-])")
+
+
+def as_pipeline_message(message: str) -> str:
+    """'fix batch_key' -> 'fix --batch_key', 'relax min_genes/min_counts' -> 'relax --min_genes/--min_counts'."""
+    return _PARAMETERS.sub(lambda m: "/".join(f"--{name}" for name in m.group(1).split("/")), message)
 
 
 def step(func):
@@ -24,7 +49,7 @@ def step(func):
         try:
             return func(*args, **kwargs)
         except ScinvInputError as err:
-            click.echo(f"ERROR: {err}", err=True)
+            click.echo(f"ERROR: {as_pipeline_message(str(err))}", err=True)
             sys.exit(2)
 
     return wrapper

@@ -95,7 +95,7 @@ class PredictorConfig:
     lr: float = option(1e-3, "Learning rate of the predictor.", cli=False)
     irm_weight: float = option(0.0, "IRMv1 penalty weight of the predictor (0: environment-balanced ERM).", pipeline=True, minimum=0)
     n_samples: int = option(1, "Posterior samples of z_inv per cell and epoch.", cli=False)
-    early_stopping_patience: int = option(10, "Predictor epochs without validation improvement before stopping.", cli=False)
+    early_stopping_patience: int = option(10, "Predictor epochs without validation improvement before stopping (0: never).", cli=False)
     seed: int = option(0, "Random seed of the predictor.", cli=False)
 
 

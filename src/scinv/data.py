@@ -147,14 +147,14 @@ class DataRegistry:
     ) -> DataRegistry:
         """Fit category maps from `adata.obs`. Columns in `continuous_keys` are standardised."""
         if layer is not None and layer not in adata.layers:
-            raise ScinvInputError(f"{where}: layer '{layer}' not found (layers: {list(adata.layers)}); fix --layer")
+            raise ScinvInputError(f"{where}: layer '{layer}' not found (layers: {list(adata.layers)}); fix layer")
         reg = cls(layer=layer, batch_key=batch_key, label_key=label_key, unknown_label=unknown_label)
         reg.var_names = adata.var_names.astype(str).tolist()
         obs = adata.obs
         cont = set(continuous_keys)
         if label_key:
             if label_key not in obs.columns:
-                raise ScinvInputError(f"{where}: label column '{label_key}' not found in obs; fix --label_key")
+                raise ScinvInputError(f"{where}: label column '{label_key}' not found in obs; fix label_key")
             col = pd.Series(normalize_labels(obs[label_key], unknown_label))
             reg.labels = sorted(set(col.unique()) - {unknown_label})
             if not reg.labels:
@@ -439,10 +439,10 @@ def hide_heldout_labels(obs: pd.DataFrame, batch_key: str, label_key: str, heldo
     """
     for key in (batch_key, label_key):
         if key not in obs.columns:
-            raise ScinvInputError(f"{where}: obs column '{key}' not found; fix --batch_key/--label_key")
+            raise ScinvInputError(f"{where}: obs column '{key}' not found; fix batch_key/label_key")
     hidden = heldout_cells(obs, batch_key, heldout, where)
     if hidden.all():
-        raise ScinvInputError(f"{where}: --heldout_batches names every batch; keep at least one labelled batch for training")
+        raise ScinvInputError(f"{where}: heldout_batches names every batch; keep at least one labelled batch for training")
     labels = obs[label_key].astype(str).to_numpy(copy=True)
     labels[hidden] = unknown_label
     return pd.Series(labels, index=obs.index, name=label_key)

@@ -125,7 +125,7 @@ def read_samplesheet(path: str | os.PathLike, staged_dir: str | os.PathLike | No
     path = Path(path)
     shown_sheet = shown_as or str(path)
     if not path.exists():
-        raise ScinvInputError(f"{shown_sheet}: samplesheet not found; pass an existing CSV with --input")
+        raise ScinvInputError(f"{shown_sheet}: samplesheet not found; pass an existing CSV with input")
     text = path.read_text(errors="replace")
     if not text.strip():
         raise ScinvInputError(f"{shown_sheet}: samplesheet is empty; it needs a header 'sample,path' and one row per sample")
@@ -214,7 +214,7 @@ def read_counts(path: str | os.PathLike) -> ad.AnnData:
             adata = sc.read_10x_h5(path)
         else:
             raise ScinvInputError(
-                f"{path}: unsupported input; give a 10x filtered_feature_bc_matrix.h5, a 10x MTX folder "
+                f"{path}: unsupported file or folder; give a 10x filtered_feature_bc_matrix.h5, a 10x MTX folder "
                 "(matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz) or an .h5ad with raw counts"
             )
     except ScinvInputError:

@@ -88,7 +88,7 @@ def run_scib(
         raise ScinvInputError(f"unknown metrics profile '{profile}'; use one of {list(PROFILES)}")
     for key in (batch_key, label_key):
         if key not in adata.obs.columns:
-            raise ScinvInputError(f"metrics: obs column '{key}' not found; fix --batch_key/--label_key")
+            raise ScinvInputError(f"metrics: obs column '{key}' not found; fix batch_key/label_key")
     missing = [k for k in embedding_keys + [pre_integrated_key] if k not in adata.obsm]
     if missing:
         raise ScinvInputError(f"metrics: embeddings {missing} not in obsm; run the export step first")
@@ -169,7 +169,7 @@ def label_transfer_table(
 
     ref, query = heldout_mask(adata.obs, batch_key, label_key, heldout, unknown_label)
     if not query.any() or not ref.any():
-        raise ScinvInputError("metrics: no labelled cells in the held-out batches or none outside them; check --heldout_batches and --label_key")
+        raise ScinvInputError("metrics: no labelled cells in the held-out batches or none outside them; check heldout_batches and label_key")
     truth = as_strings(adata.obs[label_key]).fillna("").str.strip().to_numpy()
     rows = {}
     if prediction_key and prediction_key in adata.obs:

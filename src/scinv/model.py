@@ -31,7 +31,7 @@ from .config import ModelConfig, PredictorConfig, TrainingConfig
 from .data import UNKNOWN_LABEL, DataRegistry, EncodedData, MinibatchLoader, split_train_validation
 from .errors import ScinvInputError
 from .module import InVAEModule, InvariantClassifier, invariant_risk
-from .training import Trainer, keep_freed_memory_for_reuse, progress, resolve_device, seed_everything
+from .training import EarlyStopping, Trainer, keep_freed_memory_for_reuse, progress, resolve_device, seed_everything
 
 MODEL_FORMAT = 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -251,7 +251,7 @@ class InVAE:
         self.predictor = InvariantClassifier(d, self.registry.n_labels, self.hparams["predictor_hidden"])
         opt = torch.optim.AdamW(self.predictor.parameters(), lr=lr, weight_decay=1e-4)
         gen = torch.Generator().manual_seed(seed)
-        best, best_state, bad, history = np.inf, None, 0, []
+        stopping, history = EarlyStopping(c.early_stopping_patience, min_delta=1e-4), []
         for epoch in range(max_epochs):
             self.predictor.train()
             order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
@@ -268,15 +268,10 @@ class InVAE:
                 penalty_total += float(pen.detach()) * len(idx)
             val = self._predictor_validation(mean, y, env, val_idx if len(val_idx) else train_idx, n_env)
             history.append({"epoch": epoch + 1, "train_objective": total / len(order), "irm_penalty": penalty_total / len(order), **val})
-            if val["validation_risk"] < best - 1e-4:
-                best, bad = val["validation_risk"], 0
-                best_state = {k: v.clone() for k, v in self.predictor.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= c.early_stopping_patience:
-                    break
-        if best_state is not None:
-            self.predictor.load_state_dict(best_state)
+            if stopping.update(val["validation_risk"], lambda: {k: v.clone() for k, v in self.predictor.state_dict().items()}):
+                break
+        if stopping.best_state is not None:
+            self.predictor.load_state_dict(stopping.best_state)
         self.predictor.eval()
         self.predictor_history = history
         last = history[-1]

@@ -48,7 +48,7 @@ def load_input(
     elif path.suffix.lower() in (".csv", ".tsv", ".txt") or not path.suffix:
         adata = _load_samplesheet(path, batch_key, staged_dir, shown_as)
     else:
-        raise ScinvInputError(f"{shown_as or path}: --input must be a samplesheet .csv or an .h5ad file")
+        raise ScinvInputError(f"{shown_as or path}: input must be a samplesheet .csv or an .h5ad file")
     if annotations:
         adata = _join_annotations(adata, Path(annotations), unknown_label)
     adata.layers["counts"] = adata.X.copy()
@@ -61,7 +61,7 @@ def _load_single_h5ad(path: Path, batch_key: str) -> ad.AnnData:
     if "sample" not in adata.obs.columns:
         adata.obs["sample"] = as_strings(adata.obs[batch_key]).to_numpy() if batch_key in adata.obs.columns else path.stem
     if batch_key not in adata.obs.columns:
-        raise ScinvInputError(f"{path}: obs column '{batch_key}' not found (obs: {list(adata.obs.columns)[:10]}); set --batch_key")
+        raise ScinvInputError(f"{path}: obs column '{batch_key}' not found (obs: {list(adata.obs.columns)[:10]}); set batch_key")
     _make_names_unique(adata, str(path))
     return adata
 
@@ -111,7 +111,7 @@ def _load_samplesheet(path: Path, batch_key: str, staged_dir: str | None = None,
     for col in ["sample"] + extra:
         merged.obs[col] = pd.Categorical(merged.obs[col].astype(str))
     if batch_key not in merged.obs.columns:
-        raise ScinvInputError(f"{path}: --batch_key '{batch_key}' is not a samplesheet column (columns: {list(sheet.columns)}); add it or change --batch_key")
+        raise ScinvInputError(f"{path}: batch_key '{batch_key}' is not a samplesheet column (columns: {list(sheet.columns)}); add it or change --batch_key")
     _make_names_unique(merged, str(path))
     merged.X = sp.csr_matrix(merged.X, dtype=np.float32)
     return merged
@@ -119,8 +119,13 @@ def _load_samplesheet(path: Path, batch_key: str, staged_dir: str | None = None,
 
 def _join_annotations(adata: ad.AnnData, path: Path, unknown_label: str) -> ad.AnnData:
     if not path.exists():
-        raise ScinvInputError(f"{path}: annotation file not found; fix --annotations")
-    table = pd.read_csv(path, dtype=str)
+        raise ScinvInputError(f"{path}: annotation file not found; fix annotations")
+    if path.is_dir():
+        raise ScinvInputError(f"{path}: annotations must be a CSV file, not a folder")
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ScinvInputError(f"{path}: not a readable CSV table ({_first_line(err)}); annotations needs a CSV with a cell_id column") from err
     if "cell_id" not in table.columns:
         raise ScinvInputError(f"{path}: needs a 'cell_id' column matching <sample>_<barcode> cell ids")
     table = table.drop_duplicates("cell_id").set_index("cell_id")
@@ -138,7 +143,7 @@ def prepare_covariates(adata: ad.AnnData, batch_key: str, label_key: str | None,
     batches = as_strings(adata.obs[batch_key])
     if batches.isna().any() or (batches.str.strip() == "").any():
         n = int((batches.isna() | (batches.fillna("").str.strip() == "")).sum())
-        raise ScinvInputError(f"{where}: {n} cells have no value in batch column '{batch_key}'; fill it in for every cell or set --batch_key")
+        raise ScinvInputError(f"{where}: {n} cells have no value in batch column '{batch_key}'; fill it in for every cell or set batch_key")
     adata.obs[batch_key] = pd.Categorical(batches.str.strip().to_numpy())
     if label_key:
         adata.obs[label_key] = normalize_labels(adata.obs[label_key], unknown_label)
@@ -176,7 +181,7 @@ def heldout_cells(obs: pd.DataFrame, batch_key: str, heldout: list[str], where: 
     batches = obs[batch_key].astype(str)
     missing = sorted(set(heldout) - set(batches.unique()))
     if missing:
-        raise ScinvInputError(f"{where}: held-out batches {missing} not in column '{batch_key}'; use values of that column in --heldout_batches")
+        raise ScinvInputError(f"{where}: held-out batches {missing} not in column '{batch_key}'; use values of that column in heldout_batches")
     return batches.isin(heldout).to_numpy()
 
 
@@ -261,7 +266,7 @@ def run_qc(adata: ad.AnnData, thr: QCThresholds, batch_key: str = "batch", seed:
     table = qc_table(adata.obs)
     kept = adata[reason == ""].copy()
     if kept.n_obs == 0:
-        raise ScinvInputError("QC removed every cell; relax --min_genes/--min_counts/--max_pct_mito (see the QC table)")
+        raise ScinvInputError("QC removed every cell; relax min_genes/min_counts/max_pct_mito (see the QC table)")
     empty = [s for s, n in table["kept"].items() if n == 0 and s != "total"]
     if empty:  # one failed sample should not stop an atlas; the QC table and report show it
         log.warning(
@@ -280,7 +285,7 @@ def run_qc(adata: ad.AnnData, thr: QCThresholds, batch_key: str = "batch", seed:
     gene_ok = sc.pp.filter_genes(kept.layers["counts"], min_cells=thr.min_cells_per_gene, inplace=False)[0]
     kept = kept[:, gene_ok].copy()
     if kept.n_vars == 0:
-        raise ScinvInputError(f"QC removed all {n_genes_before} genes; lower --min_cells_per_gene")
+        raise ScinvInputError(f"QC removed all {n_genes_before} genes; lower min_cells_per_gene")
     kept.X = kept.layers["counts"].copy()
     return kept, table
 

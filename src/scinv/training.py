@@ -152,6 +152,23 @@ class _RunningMeans:
         return {f"{prefix}{k}": v for k, v in zip(self.keys, values)}
 
 
+class EarlyStopping:
+    """The best monitored value and state so far; stop after `patience` updates without an
+    improvement of more than `min_delta` (patience 0: never). Used by the VAE and the predictor."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.best_state, self.bad = math.inf, None, 0
+
+    def update(self, value: float, state) -> bool:
+        """Record `value`; `state()` is called (to copy the weights) only on improvement. True: stop now."""
+        if value < self.best - self.min_delta:
+            self.best, self.best_state, self.bad = value, state(), 0
+            return False
+        self.bad += 1
+        return bool(self.patience) and self.bad >= self.patience
+
+
 class Trainer:
     """Fits an :class:`InVAEModule` on :class:`EncodedData`. History is a list of per-epoch dicts."""
 
@@ -166,9 +183,7 @@ class Trainer:
         self.loader_rng_seed = config.seed
         self.history: list[dict] = []
         self.epoch = 0
-        self.best_loss = math.inf
-        self.best_state: dict | None = None
-        self.bad_epochs = 0
+        self.early_stopping = EarlyStopping(config.early_stopping_patience, config.min_delta)
         self.stopped_early = False
         self.amp_dtype = torch.bfloat16 if (config.mixed_precision and native_bf16(device)) else None
 
@@ -180,9 +195,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "history": self.history,
-            "best_loss": self.best_loss,
-            "best_state": self.best_state,
-            "bad_epochs": self.bad_epochs,
+            "best_loss": self.early_stopping.best,
+            "best_state": self.early_stopping.best_state,
+            "bad_epochs": self.early_stopping.bad,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy_rng": self.loader.rng.bit_generator.state,
@@ -200,7 +215,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.history = state["epoch"], state["history"]
-        self.best_loss, self.best_state, self.bad_epochs = state["best_loss"], state["best_state"], state["bad_epochs"]
+        es = self.early_stopping
+        es.best, es.best_state, es.bad = state["best_loss"], state["best_state"], state["bad_epochs"]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -288,8 +304,8 @@ class Trainer:
             progress(f"early stopping at epoch {self.epoch}: validation loss has not improved for {c.early_stopping_patience} epochs")
         if checkpoint_dir and c.checkpoint_every:
             self.save_checkpoint(checkpoint_dir)  # the last state, so a longer rerun continues exactly
-        if self.best_state is not None:
-            self.module.load_state_dict(self.best_state)
+        if self.early_stopping.best_state is not None:
+            self.module.load_state_dict(self.early_stopping.best_state)
         self.module.eval()
         return self.history
 
@@ -299,11 +315,4 @@ class Trainer:
         if record["kl_weight"] < 1.0:
             return
         self.scheduler.step(monitored)
-        if monitored < self.best_loss - self.config.min_delta:
-            self.best_loss = monitored
-            self.best_state = {k: v.detach().clone().cpu() for k, v in self.module.state_dict().items()}
-            self.bad_epochs = 0
-        else:
-            self.bad_epochs += 1
-            if self.config.early_stopping_patience and self.bad_epochs >= self.config.early_stopping_patience:
-                self.stopped_early = True
+        self.stopped_early = self.early_stopping.update(monitored, lambda: {k: v.detach().clone().cpu() for k, v in self.module.state_dict().items()})

@@ -1,0 +1,256 @@
+"""Options no other test exercised, each through the real model or the real step script:
+tc_weight, kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT
+--cellxgene, and CHECK_INPUT's errors for a bad --annotations file."""
+
+import copy
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from conftest import one_error_line, run_script
+from scinv.data import MinibatchLoader
+from scinv.datasets import synthetic_counts
+from scinv.io import write_h5ad
+from scinv.model import InVAE
+
+FAST = dict(kl_warmup_epochs=2, batch_size=128, early_stopping_patience=0, seed=0)
+N_CELLS, N_TYPES, N_BATCHES = 400, 3, 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The models here are tiny: one thread runs them faster than two, and far faster when other
+    work shares the cores (threads then wait on each other). Restored for the tests after these."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_counts(n_cells=N_CELLS, n_genes=100, n_batches=N_BATCHES, n_types=N_TYPES, seed=0)
+
+
+def make_model(adata, **kw):
+    return InVAE(adata, layer="counts", batch_key="batch", label_key="cell_type", n_latent_inv=4, n_latent_spur=2, n_hidden=32, **kw)
+
+
+def same_weights_with(model, **hparams):
+    """A copy of a trained model whose module is built with other hyperparameters (same weights)."""
+    config = copy.deepcopy(model._config())
+    config["hparams"].update(hparams)
+    return InVAE.from_state(config, model._state_dict())
+
+
+def loss_terms(record: dict, prefix: str, kl_weight: float, classifier_weight: float) -> float:
+    """What the loss is made of besides the total-correlation penalty."""
+    r = {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
+    return r["reconstruction"] + kl_weight * (r["kl_inv"] + r["kl_spur"]) + classifier_weight * r["classification"] + r.get("score_matching", 0.0)
+
+
+# -- model options -------------------------------------------------------------------------------------
+
+
+def test_tc_weight_adds_the_weighted_total_correlation_to_the_loss_and_changes_training(data):
+    plain, penalised = make_model(data), make_model(data, tc_weight=2.5)
+    for model in (plain, penalised):
+        model.train(max_epochs=4, **FAST)
+    cw = penalised.hparams["classifier_weight"]
+    assert all(h["train_tc"] == 0 and h["validation_tc"] == 0 for h in plain.history)
+    for h in penalised.history:
+        for prefix, kl_weight in (("train_", h["kl_weight"]), ("validation_", 1.0)):
+            tc = h[f"{prefix}tc"]
+            assert np.isfinite(tc) and tc > 0.05, h
+            # loss = the other terms + tc_weight * tc (the term is in the objective, with its weight)
+            assert h[f"{prefix}loss"] == pytest.approx(loss_terms(h, prefix, kl_weight, cw) + 2.5 * tc, rel=1e-5, abs=1e-3), h
+    # same seed, same data: the penalty alone makes the two runs differ
+    z_plain, z_penalised = plain.get_latent_representation(data, "full"), penalised.get_latent_representation(data, "full")
+    assert np.abs(z_plain - z_penalised).max() > 1e-3
+
+
+def test_sampled_kl_trains_and_agrees_with_the_analytic_kl_on_average(data, prior_models):
+    models = {est: make_model(data, prior_mode="both", kl_estimator=est) for est in ("analytic", "sample")}
+    for model in models.values():
+        model.train(max_epochs=4, **FAST)
+        h = model.history
+        assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["validation_loss"]) for r in h)
+        assert h[-1]["train_reconstruction"] < h[0]["train_reconstruction"]
+    assert models["sample"].hparams["kl_estimator"] == "sample"
+    z = {est: m.get_latent_representation(data, "full") for est, m in models.items()}
+    assert np.abs(z["analytic"] - z["sample"]).max() > 1e-3  # the option reaches the training objective
+    # One set of weights (priors with label- and batch-dependent means and variances) scored by
+    # both estimators in training mode, where z is a posterior sample. Each pass draws the same
+    # dropout masks for both (same seed), so the analytic KL is exact for that pass and the
+    # one-sample estimate scatters around it: their mean difference must vanish within its error.
+    trained = prior_models["both"][0]
+    twins = {est: same_weights_with(trained, kl_estimator=est).module.train() for est in ("analytic", "sample")}
+    batch = next(iter(MinibatchLoader(trained._data, batch_size=N_CELLS, shuffle=False)))
+    kl = {est: [] for est in twins}
+    for i in range(200):
+        for est, module in twins.items():
+            torch.manual_seed(i)
+            with torch.no_grad():
+                out = module(batch)
+            kl[est].append([float(out["kl_inv"]), float(out["kl_spur"])])
+    analytic, sampled = np.array(kl["analytic"]), np.array(kl["sample"])
+    diff = sampled - analytic
+    error = diff.std(0, ddof=1) / np.sqrt(len(diff))  # standard error of the mean difference, ~0.005 nats
+    assert (analytic > 0).all() and (error > 1e-4).all()  # 'sample' really samples
+    assert (np.abs(diff.mean(0)) < 4 * error + 1e-3).all(), (analytic.mean(0), diff.mean(0), error)
+
+
+@pytest.fixture(scope="module")
+def prior_models(data):
+    """prior_mode -> (trained model with a predictor, its priors after the first epoch)."""
+    out = {}
+    eye_labels, eye_batches = torch.eye(N_TYPES), torch.eye(N_BATCHES)
+    for mode in ("variance", "both"):
+        model = make_model(data, prior_mode=mode)
+        model.train(max_epochs=1, **FAST)
+        with torch.no_grad():
+            early = (model.module.prior_inv(eye_labels), model.module.prior_spur(eye_batches))
+        model.train(max_epochs=11, batch_size=128, early_stopping_patience=0)  # continues from the current weights
+        model.train_predictor(max_epochs=15)
+        out[mode] = (model, early)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["variance", "both"])
+def test_prior_mode_through_the_model(data, prior_models, mode, tmp_path):
+    model, (early_inv, early_spur) = prior_models[mode]
+    assert model.hparams["prior_mode"] == mode
+    assert all(np.isfinite(h["train_loss"]) for h in model.history)
+    z = model.get_latent_representation(data, "inv")
+    assert z.shape == (N_CELLS, 4) and np.isfinite(z).all()
+    labels, probs = model.predict(data)
+    assert np.allclose(probs.sum(1), 1, atol=1e-5) and list(probs.columns) == ["t0", "t1", "t2"]
+    assert (labels == data.obs["cell_type"].astype(str).to_numpy()).mean() > 0.45  # chance: 1/3
+    with torch.no_grad():
+        priors = {"inv": (model.module.prior_inv(torch.eye(N_TYPES)), early_inv), "spur": (model.module.prior_spur(torch.eye(N_BATCHES)), early_spur)}
+    for which, ((mean, var), (early_mean, early_var)) in priors.items():
+        off_diagonal = ~torch.eye(len(var), dtype=bool)
+        assert torch.cdist(var.log(), var.log())[off_diagonal].min() > 0.05, (which, var)  # each label (batch) has its own variance
+        # the KL uses the learned variance: training moved it (only the KL gives it a gradient)
+        assert (var.log() - early_var.log()).abs().max() > 0.1, (which, var, early_var)
+        if mode == "variance":
+            assert torch.all(mean == 0), (which, mean)
+        else:
+            assert torch.cdist(mean, mean)[off_diagonal].min() > 0.05, (which, mean)
+            assert (mean - early_mean).abs().max() > 0.1, (which, mean, early_mean)
+    # the mode is saved with the model and rebuilds the same priors
+    model.save(tmp_path / "m")
+    loaded = InVAE.load(tmp_path / "m")
+    assert loaded.hparams["prior_mode"] == mode
+    with torch.no_grad():
+        for a, b in zip(loaded.module.prior_inv(torch.eye(N_TYPES)), priors["inv"][0]):
+            assert torch.allclose(a, b)
+
+
+# -- pipeline steps --------------------------------------------------------------------------------------
+
+
+def test_qc_mad_threshold_removes_outliers_of_their_own_sample(tmp_path, data):
+    adata = data.copy()
+    adata.obs["sample"] = adata.obs["batch"].astype(str)
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    factor = np.where(batch == "b1", 10.0, 1.0)  # a whole sample sequenced 10x deeper: normal for it
+    outliers = np.array([np.flatnonzero(batch == b)[i] for b in ("b0", "b1") for i in (3, 50)])
+    factor[outliers] *= 50.0  # 50x the library size of their sample
+    adata.X = sp.csr_matrix(np.round(adata.X.toarray() * factor[:, None]).astype(np.float32))
+    adata.layers["counts"] = adata.X.copy()
+    write_h5ad(adata, tmp_path / "m.h5ad")
+    out = {n: str(tmp_path / n) for n in ("q.h5ad", "s.csv", "c.parquet")}
+    res = run_script(
+        "scinv_qc.py",
+        *("--input", str(tmp_path / "m.h5ad"), "--output", out["q.h5ad"], "--summary", out["s.csv"], "--cells", out["c.parquet"]),
+        *("--no-doublets", "--min-genes", "1", "--min-counts", "1", "--mad-threshold", "5"),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    cells = pd.read_parquet(out["c.parquet"])
+    assert len(cells) == N_CELLS
+    flagged = cells.index[cells["qc_reason"] == "mad_outlier"]
+    assert sorted(flagged) == sorted(adata.obs_names[outliers])
+    assert set(cells["qc_reason"].drop(flagged)) == {"kept"}  # the deep sample is judged against its own median
+    kept = ad.read_h5ad(out["q.h5ad"])
+    assert kept.n_obs == N_CELLS - len(outliers) and not set(flagged) & set(kept.obs_names)
+    table = pd.read_csv(out["s.csv"], index_col=0)
+    assert table.loc["b0", "mad_outlier"] == 2 and table.loc["b1", "mad_outlier"] == 2 and table.loc["total", "mad_outlier"] == 4
+    assert table.loc["total", "kept"] == N_CELLS - 4
+
+
+def test_export_cellxgene_copy_is_log_normalised_with_x_umap(tmp_path, data):
+    adata = data[:300].copy()
+    model = make_model(adata)
+    model.train(max_epochs=2, **FAST)
+    model.train_predictor(max_epochs=3)
+    model.save(tmp_path / "model")
+    counts = adata.layers["counts"]
+    adata.X = sp.csr_matrix(sp.diags(1e4 / np.asarray(counts.sum(1)).ravel()) @ counts).log1p().astype(np.float32)
+    write_h5ad(adata, tmp_path / "n.h5ad")
+    t = lambda n: str(tmp_path / n)  # noqa: E731
+    res = run_script(
+        "scinv_export.py",
+        *("--input", t("n.h5ad"), "--model-dir", t("model"), "--output", t("f.h5ad"), "--embeddings", t("e.parquet"), "--cellxgene", t("cx.h5ad")),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    cx, final = ad.read_h5ad(t("cx.h5ad")), ad.read_h5ad(t("f.h5ad"))
+    # one row per cell and gene, with unique ids (cellxgene's requirement)
+    assert list(cx.obs_names) == list(adata.obs_names) and list(cx.var_names) == list(adata.var_names)
+    assert cx.obs_names.is_unique and cx.var_names.is_unique
+    # X: the log-normalised values, not the counts
+    x = cx.X.toarray() if sp.issparse(cx.X) else np.asarray(cx.X)
+    assert np.allclose(x, adata.X.toarray(), atol=1e-6)
+    assert np.allclose(np.expm1(x).sum(1), 1e4, rtol=1e-3)
+    # X_umap: the 2-D UMAP of the invariant latent
+    assert cx.obsm["X_umap"].shape == (300, 2) and np.isfinite(cx.obsm["X_umap"]).all()
+    assert np.allclose(cx.obsm["X_umap"], final.obsm["X_umap_scinv_inv"])
+    # every embedding is an X_ key cellxgene can draw (2-D, at least two columns, finite)
+    for key, value in cx.obsm.items():
+        value = np.asarray(value)
+        assert key.startswith("X_") and value.ndim == 2 and value.shape[1] >= 2 and np.isfinite(value).all(), key
+    assert np.allclose(cx.obsm["X_scinv_inv"], final.obsm["X_scinv_inv"])
+    assert (cx.obs["scinv_prediction"].astype(str) == final.obs["scinv_prediction"].astype(str)).all()
+
+
+def _annotation(kind: str, tmp_path):
+    path = tmp_path / f"labels_{kind}.csv"
+    if kind == "missing":
+        return path
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "no_cell_id_column":
+        path.write_text("barcode,cell_type\ncell0,T\n")
+    elif kind == "no_matching_ids":
+        path.write_text("cell_id,cell_type\nS1_AAAC,T\nS1_AAAG,B\n")
+    elif kind == "empty":
+        path.write_text("")
+    elif kind == "not_text":
+        path.write_bytes(b"\xff\xfe\x00\x01binary\x00")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, says",
+    [
+        ("missing", "annotation file not found"),
+        ("folder", "not a folder"),
+        ("no_cell_id_column", "needs a 'cell_id' column"),
+        ("no_matching_ids", "no cell_id matches a cell (ids look like 'cell0')"),
+        ("empty", "not a readable CSV table"),
+        ("not_text", "not a readable CSV table"),
+    ],
+)
+def test_check_input_bad_annotations_file(tmp_path, data, kind, says):
+    write_h5ad(data, tmp_path / "in.h5ad")
+    annotations = _annotation(kind, tmp_path)
+    out = tmp_path / "out.h5ad"
+    res = run_script("scinv_check_input.py", "--input", str(tmp_path / "in.h5ad"), "--output", str(out), "--annotations", str(annotations))
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = one_error_line(res.stderr)
+    assert str(annotations) in line and says in line, line
+    assert not out.exists() and not list(tmp_path.glob("out.h5ad*"))
