@@ -14,7 +14,7 @@ help:
 	@echo "make demo   - set up, then run the pipeline on the bundled data (-profile test)"
 	@echo "make test   - set up, then run the whole test suite (includes real Nextflow runs)"
 	@echo "make setup  - create .venv with pinned packages and install the pinned Nextflow"
-	@echo "make lint   - ruff lint and format check (what CI runs)"
+	@echo "make lint   - ruff lint and format check, options in sync, nf-core pipelines lint (what CI runs)"
 	@echo "make format - apply ruff's fixes and formatting"
 	@echo "make options - write the pipeline's model/training parameters from src/scinv/config.py"
 	@echo "make docker-test - build the CPU image and run -profile test,docker against a local run"
@@ -51,10 +51,19 @@ demo: setup
 test: setup
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
-# ruff (pinned in the test extra) configured in pyproject.toml
-lint: $(STAMP)
+# ruff (pinned in the test extra, configured in pyproject.toml), the generated options in sync, and
+# nf-core's pipeline lint (its own venv: its pins differ; offline, skips documented in .nf-core.yml)
+LINT_VENV := .venv-lint
+$(LINT_VENV)/.installed:
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install -q nf-core==4.2.1
+	touch $@
+
+lint: $(STAMP) nextflow $(LINT_VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VPY) scripts/sync_options.py --check
+	PATH="$(CURDIR)/tools:$$PATH" $(LINT_VENV)/bin/nf-core pipelines lint --dir . --plain-text
 
 # nextflow_schema.json, nextflow.config and conf/modules.config from the one definition of the options
 options: $(STAMP)
