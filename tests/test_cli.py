@@ -152,20 +152,8 @@ def test_steps_chain_on_small_data(tmp_path, small_adata):
 
 def test_qc_refuses_when_all_cells_fail(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "m.h5ad")
-    res = run_script(
-        "scinv_qc.py",
-        "--input",
-        str(tmp_path / "m.h5ad"),
-        "--output",
-        str(tmp_path / "q.h5ad"),
-        "--summary",
-        str(tmp_path / "s.csv"),
-        "--cells",
-        str(tmp_path / "c.parquet"),
-        "--min-genes",
-        "100000",
-    )
-    assert res.returncode == 2 and "relax" in one_error_line(res.stderr)
+    res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-genes", "100000"))
+    assert res.returncode == 2 and "relax --min_genes/--min_counts/--max_pct_mito" in one_error_line(res.stderr)
     assert not (tmp_path / "q.h5ad").exists()
 
 
@@ -178,17 +166,7 @@ def test_normalize_missing_counts_layer(tmp_path, small_adata):
 
 def test_train_missing_label_column(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "n.h5ad")
-    res = run_script(
-        "scinv_train.py",
-        "--input",
-        str(tmp_path / "n.h5ad"),
-        "--model-dir",
-        str(tmp_path / "m"),
-        "--history",
-        str(tmp_path / "h.csv"),
-        "--label-key",
-        "celltype",
-    )
+    res = run_script("scinv_train.py", *train_args(tmp_path, "--label-key", "celltype"))
     assert res.returncode == 2 and "'celltype' not found" in one_error_line(res.stderr)
     assert not (tmp_path / "m").exists()
 
@@ -223,6 +201,10 @@ def test_report_on_non_h5ad(tmp_path):
     res = run_script("scinv_report.py", "--input", str(bad), "--output", str(tmp_path / "r.html"))
     assert res.returncode == 2 and "not a valid .h5ad" in one_error_line(res.stderr)
     assert not (tmp_path / "r.html").exists()
+
+
+def train_args(tmp_path, *extra):
+    return ("--input", str(tmp_path / "n.h5ad"), "--model-dir", str(tmp_path / "m"), "--history", str(tmp_path / "h.csv"), *extra)
 
 
 def qc_args(tmp_path, data, *extra):
@@ -283,19 +265,7 @@ def test_qc_refuses_when_every_gene_is_filtered(tmp_path, small_adata):
 
 def test_train_refuses_an_unknown_heldout_batch(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "n.h5ad")
-    res = run_script(
-        "scinv_train.py",
-        "--input",
-        str(tmp_path / "n.h5ad"),
-        "--model-dir",
-        str(tmp_path / "m"),
-        "--history",
-        str(tmp_path / "h.csv"),
-        "--label-key",
-        "cell_type",
-        "--heldout-batches",
-        "b9",
-    )
+    res = run_script("scinv_train.py", *train_args(tmp_path, "--label-key", "cell_type", "--heldout-batches", "b9"))
     assert res.returncode == 2
     assert "held-out batches ['b9'] not in column 'batch'" in one_error_line(res.stderr)
     assert not (tmp_path / "m").exists()
