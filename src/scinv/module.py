@@ -27,12 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn.fastmath import PLAIN_MATH_ENV, clamp, one_thread_cpu, plain_math, transcendental
+from .nn.fastmath import PLAIN_MATH_ENV, clamp, plain_math, transcendental
 from .nn.gaussian import (
     LOG_2PI,
-    LOG_VAR_MAX,
-    LOG_VAR_MIN,
-    VAR_FLOOR,
     _GaussianLatent,
     gaussian_kl,
     gaussian_kl_terms,
@@ -43,8 +40,6 @@ from .nn.gaussian import (
 )
 from .nn.layers import CountDecoder, Dropout, GaussianEncoder, HiddenStack, WideLinear, mlp
 from .nn.nb import (
-    LN_2,
-    LOG2_E,
     _CountLgammaSum,
     _NBFromLogits,
     count_lgamma_sum,
@@ -55,11 +50,6 @@ from .nn.nb import (
 )
 from .nn.predictor import InvariantClassifier, environment_risks, invariant_risk
 from .nn.priors import PRIOR_FAMILIES, PRIOR_MODES, ConditionalPrior, ExponentialFamilyPrior, score_matching_loss
-
-# the names these parts had when they all lived in this file
-_clamp, _one_thread_cpu, _transcendental = clamp, one_thread_cpu, transcendental
-_LOG_2PI, _LN_2, _LOG2_E = LOG_2PI, LN_2, LOG2_E
-_LOG_VAR_MIN, _LOG_VAR_MAX, _VAR_FLOOR = LOG_VAR_MIN, LOG_VAR_MAX, VAR_FLOOR
 
 __all__ = [
     "PLAIN_MATH_ENV",
