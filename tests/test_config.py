@@ -52,3 +52,14 @@ def test_every_field_is_documented_and_typed():
             assert f.metadata.get("help", "").endswith("."), f"{cls.__name__}.{f.name}"
     assert {f.name for f in exposed(PredictorConfig, "pipeline")} == {"max_epochs", "irm_weight"}
     assert TrainingConfig().kl_warmup_epochs is None  # 20 on a first train(), 0 when continuing
+
+
+def test_weight_decay_reaches_the_optimiser(small_adata):
+    """The example of adding a pipeline option (--weight_decay): one field, `make options`, this test."""
+    from scinv.training import Trainer
+
+    model = InVAE(small_adata, layer="counts", batch_key="batch", label_key="cell_type")
+    trainer = Trainer(model.module, model._data, TrainingConfig(weight_decay=0.5), model.device)
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.5
+    text = (ROOT / "conf" / "modules.config").read_text()
+    assert "opt('--weight-decay', params.weight_decay)" in text and "--weight-decay" in {o.opts[0] for o in train_cli_options().values()}

@@ -72,7 +72,7 @@ class TrainingConfig:
     max_epochs: int = option(200, "Maximum training epochs.", pipeline=True, minimum=1)
     batch_size: int = option(256, "Minibatch size.", pipeline=True, minimum=2)
     lr: float = option(1e-3, "Learning rate (AdamW).", pipeline=True, exclusiveMinimum=0)
-    weight_decay: float = option(1e-4, "AdamW weight decay.")
+    weight_decay: float = option(1e-4, "AdamW weight decay.", pipeline=True, minimum=0)
     kl_warmup_epochs: int | None = option(None, "Epochs of linear KL warm-up (default: 20 on a first train(), 0 when continuing).", pipeline=True, minimum=0)
     validation_fraction: float = option(0.1, "Fraction of cells held out for validation.")
     early_stopping_patience: int = option(20, "Stop after this many epochs without validation improvement (0: never).", pipeline=True, minimum=0)
