@@ -33,7 +33,7 @@ def main(input_path, output, batch_key, n_top_genes, flavor, target_sum, n_pcs, 
         raise ScinvInputError(f"{input_path}: obs column '{batch_key}' not found; fix --batch_key")
     hvg = normalize_and_select(adata, n_top_genes, batch_key, flavor, target_sum, n_pcs, seed)
     write_h5ad(hvg, output)
-    click.echo(f"NORMALIZE: {hvg.n_obs} cells x {hvg.n_vars} HVGs ({flavor})", err=True)
+    click.echo(f"NORMALIZE: {hvg.n_obs} cells x {hvg.n_vars} HVGs ({hvg.uns['scinv_normalize']['hvg']['flavor']})", err=True)
 
 
 if __name__ == "__main__":
