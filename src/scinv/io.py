@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import ScinvInputError
+from .errors import ScinvInputError, first_line
 
 REQUIRED_SAMPLESHEET_COLUMNS = ("sample", "path")
 
@@ -86,8 +86,7 @@ def read_h5ad(path: str | os.PathLike, **kwargs) -> ad.AnnData:
     try:
         return ad.read_h5ad(path, **kwargs)
     except Exception as err:  # h5py/anndata raise many types for damaged files
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ScinvInputError(f"{path}: cannot read this .h5ad ({first}); rerun the step that wrote it") from err
+        raise ScinvInputError(f"{path}: cannot read this .h5ad ({first_line(err)}); rerun the step that wrote it") from err
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> None:
@@ -220,8 +219,7 @@ def read_counts(path: str | os.PathLike) -> ad.AnnData:
     except ScinvInputError:
         raise
     except Exception as err:  # h5py/anndata/scipy raise many types for damaged files
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ScinvInputError(f"{path}: cannot read ({first}); check that the file is complete and not corrupted") from err
+        raise ScinvInputError(f"{path}: cannot read ({first_line(err)}); check that the file is complete and not corrupted") from err
     _set_gene_symbols(adata)
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()  # 10x symbols repeat (two Ensembl ids); so do many exports

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import ScinvInputError
+from .errors import ScinvInputError, first_line
 from .io import check_counts, read_counts, read_samplesheet
 from .labels import as_strings, normalize_labels
 
@@ -125,7 +125,7 @@ def _join_annotations(adata: ad.AnnData, path: Path, unknown_label: str) -> ad.A
     try:
         table = pd.read_csv(path, dtype=str)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ScinvInputError(f"{path}: not a readable CSV table ({_first_line(err)}); annotations needs a CSV with a cell_id column") from err
+        raise ScinvInputError(f"{path}: not a readable CSV table ({first_line(err)}); annotations needs a CSV with a cell_id column") from err
     if "cell_id" not in table.columns:
         raise ScinvInputError(f"{path}: needs a 'cell_id' column matching <sample>_<barcode> cell ids")
     table = table.drop_duplicates("cell_id").set_index("cell_id")
@@ -386,7 +386,7 @@ def select_hvgs(adata: ad.AnnData, n_top_genes: int, batch_key: str | None, flav
                     log.warning("HVG: %s", record["fallback"])
                 return record
             except (ValueError, np.linalg.LinAlgError) as err:
-                failures.append((span, _first_line(err)))
+                failures.append((span, first_line(err)))
         record["flavor"] = "seurat"
     for bk in dict.fromkeys([batch_key, None]):
         try:
@@ -394,8 +394,8 @@ def select_hvgs(adata: ad.AnnData, n_top_genes: int, batch_key: str | None, flav
             break
         except (ValueError, np.linalg.LinAlgError, IndexError) as err:
             if bk is None:
-                raise ScinvInputError(f"HVG selection failed on every flavour ({_first_line(err)}); check that the counts vary across cells") from err
-            failures.append((f"{record['flavor']} per batch", _first_line(err)))
+                raise ScinvInputError(f"HVG selection failed on every flavour ({first_line(err)}); check that the counts vary across cells") from err
+            failures.append((f"{record['flavor']} per batch", first_line(err)))
             record["flavor"] += " (without batches)"
     _keep_top(adata.var, n_top_genes)
     if failures:
@@ -432,11 +432,6 @@ def _hvg_voters(adata: ad.AnnData, batch_key: str | None) -> np.ndarray:
         if idx.sum() < MIN_HVG_BATCH_CELLS or _n_varying_genes(adata.layers["counts"][idx]) < MIN_HVG_VARYING_GENES:
             ok[idx] = False
     return ok
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().strip("b'\"") or type(err).__name__
-    return text.splitlines()[0][:160]
 
 
 def normalize_and_select(
