@@ -288,6 +288,31 @@ def test_baseline_embeddings_keyed_by_cell(tmp_path, small_adata, method):
     assert emb.columns[0] == f"{method}_0"
 
 
+def test_scanvi_baseline_predicts_the_heldout_batch_without_its_labels(tmp_path, small_adata):
+    import scanpy as sc
+
+    sc.pp.normalize_total(small_adata)
+    sc.pp.log1p(small_adata)
+    sc.pp.pca(small_adata, n_comps=10)
+    write_h5ad(small_adata, tmp_path / "n.h5ad")
+    out = tmp_path / "scanvi.parquet"
+    args = ("--input", str(tmp_path / "n.h5ad"), "--output", str(out), "--max-epochs", "3", "--threads", "1")
+    res = run_script("scinv_baseline.py", "--method", "scanvi", *args, "--label-key", "cell_type", "--heldout-batches", "b2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = pd.read_parquet(out)
+    assert list(table.index) == list(small_adata.obs_names) and table.columns[0] == "scanvi_0"
+    assert table.filter(like="scanvi_").shape[1] == 25 and set(table["prediction"]) <= set(small_adata.obs["cell_type"].astype(str))
+    # the metrics step reads the embedding and scores scANVI's own predictions as a classifier
+    from scinv.metrics import add_baseline_embeddings, label_transfer_table
+
+    assert add_baseline_embeddings(small_adata, [str(out)]) == ["X_scanvi"] and small_adata.obsm["X_scanvi"].shape == (600, 25)
+    transfer = label_transfer_table(small_adata, ["X_scanvi"], "batch", "cell_type", ["b2"], prediction_key=None)
+    assert {"scanvi classifier", "kNN on X_scanvi"} == set(transfer.index)
+    assert transfer["n_query"].iloc[0] == (small_adata.obs["batch"] == "b2").sum()
+    res = run_script("scinv_baseline.py", "--method", "scanvi", *args)
+    assert res.returncode == 2 and "scanvi needs --label-key" in one_error_line(res.stderr)
+
+
 def test_baseline_refuses_a_single_batch(tmp_path, small_adata):
     small_adata.obs["batch"] = "one"
     write_h5ad(small_adata, tmp_path / "n.h5ad")

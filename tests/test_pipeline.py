@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, render_in_chromium, run_nextflow
 
 MAIN = str(ROOT / "main.nf")
-PROCESSES = ["CHECK_INPUT", "QC", "NORMALIZE", "TRAIN_INVAE", "BASELINE_HARMONY", "BASELINE_SCVI", "EXPORT", "METRICS", "REPORT"]
+PROCESSES = ["CHECK_INPUT", "QC", "NORMALIZE", "TRAIN_INVAE", "BASELINE_HARMONY", "BASELINE_SCVI", "BASELINE_SCANVI", "EXPORT", "METRICS", "REPORT"]
 
 
 def test_pinned_nextflow_version(tmp_path):
@@ -31,6 +31,12 @@ def test_invalid_parameter_is_refused_before_running(tmp_path):
     assert res.returncode != 0
     assert "--prior_mode must be one of mean, variance, both" in res.stdout + res.stderr
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
+def test_scanvi_baseline_without_labels_is_refused_before_running(tmp_path):
+    res = run_nextflow("run", MAIN, "-profile", "test", "--label_key", "", "--heldout_batches", "", "--outdir", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode != 0
+    assert "--baselines scanvi needs --label_key" in res.stdout + res.stderr
 
 
 def test_stub_run_wires_every_process(tmp_path):
@@ -71,11 +77,14 @@ def test_profile_test_end_to_end_and_resume(tmp_path):
     assert emb.shape[0] == final.n_obs and emb.index.name == "cell_id"
 
     metrics = pd.read_csv(outdir / "metrics" / "scinv_metrics.csv", index_col=0)
-    assert {"X_scinv_inv", "X_pca", "X_harmony", "X_scvi"} <= set(metrics.index)
+    assert {"X_scinv_inv", "X_pca", "X_harmony", "X_scvi", "X_scanvi"} <= set(metrics.index)
+    assert metrics[["KMeans NMI", "KMeans ARI"]].notna().all().all()
     for col in ("Bio conservation", "Batch correction", "Total", "Total (published)"):
         assert metrics[col].between(0, 1).all(), col
     transfer = pd.read_csv(outdir / "metrics" / "scinv_label_transfer.csv", index_col=0)
-    assert {"scinv invariant predictor", "kNN on X_scinv_inv", "kNN on X_harmony", "kNN on X_scvi"} <= set(transfer.index)
+    assert {"scinv invariant predictor", "kNN on X_scinv_inv", "kNN on X_harmony", "kNN on X_scvi", "scanvi classifier", "kNN on X_scanvi"} <= set(
+        transfer.index
+    )
     held, known = final.obs["batch"] == "C149", final.obs["celltype_derived"] != "Unknown"
     assert (transfer["n_query"] == (held & known).sum()).all() and (transfer["n_reference"] == (~held & known).sum()).all()
     # the predictor never saw C149's labels, yet transfers them far better than chance (8 types)

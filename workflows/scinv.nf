@@ -10,6 +10,7 @@ include { METRICS     } from '../modules/local/metrics/main'
 include { REPORT      } from '../modules/local/report/main'
 include { BASELINE_HARMONY } from '../modules/local/baseline_harmony/main'
 include { BASELINE_SCVI    } from '../modules/local/baseline_scvi/main'
+include { BASELINE_SCANVI  } from '../modules/local/baseline_scanvi/main'
 
 /*
  * Files a samplesheet names, in row order, so that they are staged into the task (containers,
@@ -63,6 +64,11 @@ workflow SCINV {
         BASELINE_SCVI(NORMALIZE.out.h5ad)
         ch_baselines = ch_baselines.mix(BASELINE_SCVI.out.embedding)
         ch_versions = ch_versions.mix(BASELINE_SCVI.out.versions)
+    }
+    if ('scanvi' in baselines) {
+        BASELINE_SCANVI(NORMALIZE.out.h5ad)
+        ch_baselines = ch_baselines.mix(BASELINE_SCANVI.out.embedding)
+        ch_versions = ch_versions.mix(BASELINE_SCANVI.out.versions)
     }
 
     if (params.label_key && !params.skip_metrics) {

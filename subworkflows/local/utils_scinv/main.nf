@@ -62,6 +62,9 @@ def validateParameters(String schemaPath) {
     if (params.heldout_batches && !params.label_key) {
         errors << "--heldout_batches needs --label_key (label transfer is scored against the labels)"
     }
+    if ((params.baselines ?: '').tokenize(',')*.trim().contains('scanvi') && !params.label_key) {
+        errors << "--baselines scanvi needs --label_key (scANVI trains on the labels); drop scanvi or give --label_key"
+    }
     if (errors) {
         errors.each { log.error "Invalid parameter: ${it}" }
         error("Parameter validation failed: ${errors.size()} problem(s), listed above. Run with --help to see all parameters.")
