@@ -1,5 +1,5 @@
 """Options no other test exercised, each through the real model or the real step script:
-tc_weight, kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT
+tc_weight, invariance_weight, kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT
 --cellxgene, and CHECK_INPUT's errors for a bad --annotations file."""
 
 import copy
@@ -16,6 +16,7 @@ from scinv.data import MinibatchLoader
 from scinv.datasets import synthetic_counts
 from scinv.io import write_h5ad
 from scinv.model import InVAE
+from scinv.module import InVAEModule
 
 FAST = dict(kl_warmup_epochs=2, batch_size=128, early_stopping_patience=0, seed=0)
 N_CELLS, N_TYPES, N_BATCHES = 400, 3, 2
@@ -47,10 +48,11 @@ def same_weights_with(model, **hparams):
     return InVAE.from_state(config, model._state_dict())
 
 
-def loss_terms(record: dict, prefix: str, kl_weight: float, classifier_weight: float) -> float:
+def loss_terms(record: dict, prefix: str, kl_weight: float, classifier_weight: float, invariance_weight: float) -> float:
     """What the loss is made of besides the total-correlation penalty."""
     r = {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
-    return r["reconstruction"] + kl_weight * (r["kl_inv"] + r["kl_spur"]) + classifier_weight * r["classification"] + r.get("score_matching", 0.0)
+    other = classifier_weight * r["classification"] + invariance_weight * r["invariance"] + r.get("score_matching", 0.0)
+    return r["reconstruction"] + kl_weight * (r["kl_inv"] + r["kl_spur"]) + other
 
 
 # -- model options -------------------------------------------------------------------------------------
@@ -67,10 +69,47 @@ def test_tc_weight_adds_the_weighted_total_correlation_to_the_loss_and_changes_t
             tc = h[f"{prefix}tc"]
             assert np.isfinite(tc) and tc > 0.05, h
             # loss = the other terms + tc_weight * tc (the term is in the objective, with its weight)
-            assert h[f"{prefix}loss"] == pytest.approx(loss_terms(h, prefix, kl_weight, cw) + 2.5 * tc, rel=1e-5, abs=1e-3), h
+            terms = loss_terms(h, prefix, kl_weight, cw, penalised.hparams["invariance_weight"])
+            assert h[f"{prefix}loss"] == pytest.approx(terms + 2.5 * tc, rel=1e-5, abs=1e-3), h
     # same seed, same data: the penalty alone makes the two runs differ
     z_plain, z_penalised = plain.get_latent_representation(data, "full"), penalised.get_latent_representation(data, "full")
     assert np.abs(z_plain - z_penalised).max() > 1e-3
+
+
+def within_label_batch_scatter(model, adata) -> float:
+    """The invariance penalty measured on the posterior means of all labelled cells."""
+    d = model._training_data()
+    z = torch.from_numpy(model.get_latent_representation(adata, "inv"))
+    labels = torch.from_numpy(d.labels)
+    weights = torch.nn.functional.one_hot(labels.clamp_min(0), model.registry.n_labels) * (labels >= 0)[:, None]
+    return float(InVAEModule.batch_invariance(z, weights, torch.from_numpy(d.environments)))
+
+
+def test_invariance_weight_penalises_batch_differences_of_z_inv_within_labels(data):
+    shifted = data.copy()  # a strong batch effect: half the genes x3 in batch b1
+    counts = shifted.layers["counts"].toarray()
+    counts[(shifted.obs["batch"] == "b1").to_numpy(), :50] *= 3
+    shifted.layers["counts"] = sp.csr_matrix(counts)
+    plain, penalised = make_model(shifted, invariance_weight=0.0), make_model(shifted, invariance_weight=50.0)
+    for model in (plain, penalised):
+        model.train(max_epochs=15, **FAST)
+    cw = penalised.hparams["classifier_weight"]
+    assert all(h["train_invariance"] == 0 for h in plain.history)
+    h = penalised.history[-1]
+    assert h["train_loss"] == pytest.approx(loss_terms(h, "train_", h["kl_weight"], cw, 50.0), rel=1e-5, abs=1e-3)
+    before, after = within_label_batch_scatter(plain, shifted), within_label_batch_scatter(penalised, shifted)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_invariance_weighs_cells_without_a_label_by_the_joint_classifier(data):
+    module = make_model(data, invariance_weight=1.0, invariance_on_unlabelled=True).module.eval()
+    qm, label = torch.randn(4, 4), torch.tensor([0, 2, -1, -1])
+    weights = module.invariance_label_weights(qm, label)
+    assert torch.equal(weights[:2], torch.eye(3)[[0, 2]])
+    with torch.no_grad():
+        assert torch.allclose(weights[2:], torch.softmax(module.classifier(qm[2:]), dim=-1))
+    module.invariance_on_unlabelled = False  # labelled cells only
+    assert torch.equal(module.invariance_label_weights(qm, label)[2:], torch.zeros(2, 3))
 
 
 def test_sampled_kl_trains_and_agrees_with_the_analytic_kl_on_average(data, prior_models):

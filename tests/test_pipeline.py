@@ -34,7 +34,9 @@ def test_invalid_parameter_is_refused_before_running(tmp_path):
 
 
 def test_scanvi_baseline_without_labels_is_refused_before_running(tmp_path):
-    res = run_nextflow("run", MAIN, "-profile", "test", "--label_key", "", "--heldout_batches", "", "--outdir", str(tmp_path / "o"), cwd=tmp_path)
+    unlabelled = tmp_path / "params.json"  # `--label_key ''` on the command line is a boolean to Nextflow
+    unlabelled.write_text('{"label_key": "", "heldout_batches": ""}')
+    res = run_nextflow("run", MAIN, "-profile", "test", "-params-file", str(unlabelled), "--outdir", str(tmp_path / "o"), cwd=tmp_path)
     assert res.returncode != 0
     assert "--baselines scanvi needs --label_key" in res.stdout + res.stderr
 

@@ -56,6 +56,18 @@ class ModelConfig:
         pipeline=True,
         minimum=0,
     )
+    invariance_weight: float = option(
+        10.0,
+        "Weight of the penalty on batch differences of z_inv within each label (labelled cells; scinv.module.InVAEModule.batch_invariance); 0: off.",
+        pipeline=True,
+        minimum=0,
+    )
+    invariance_on_unlabelled: bool = option(
+        False,
+        "Let cells without a label join the invariance penalty, weighted by the joint classifier's predicted labels "
+        "(measured: better batch mixing, worse transfer where label proportions shift; docs/benchmarks.md).",
+        cli=False,
+    )
     prior_family: str = option(
         "gaussian",
         "Invariant prior: 'gaussian' (conditional Gaussian, prior_mode applies) or 'nf' (NFinVAE: non-factorised exponential family fitted by score matching).",

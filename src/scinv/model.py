@@ -79,6 +79,10 @@ class InVAE:
         exponential-family prior for z_inv fitted by score matching with the exact Hessian
         diagonal; `prior_mode` then applies to the spurious prior only; reported kl_inv is up to
         the prior's log-normaliser).
+    invariance_weight
+        Weight of the penalty on batch differences of z_inv within each label, on labelled cells
+        (:meth:`scinv.module.InVAEModule.batch_invariance`): the invariant prior assumes z_inv
+        independent of the batch given the label, and the ELBO alone does not enforce it.
     classifier_weight
         Weight of an auxiliary classifier of the labels from z_inv trained jointly (labels are
         targets, never encoder inputs). Without it the invariant latent can collapse when the
@@ -146,6 +150,8 @@ class InVAE:
             encode_covariates=h["encode_covariates"],
             covariate_dropout=h["covariate_dropout"],
             classifier_weight=h.get("classifier_weight", 0.0),
+            invariance_weight=h.get("invariance_weight", 0.0),
+            invariance_on_unlabelled=h.get("invariance_on_unlabelled", False),
             prior_family=h.get("prior_family", "gaussian"),
         )
 
@@ -349,9 +355,8 @@ class InVAE:
             p.requires_grad_(False)
         trainable = list(module.encoder.parameters()) if fine_tune_encoder else []
         n_old = reg.batch.width  # self's registry: the reference batches only
-        new_columns = [
-            layer for layer in (module.prior_spur.net[0] if module.prior_spur.net is not None else None, module.encoder.covariates) if layer is not None
-        ]
+        prior_input = module.prior_spur.net[0] if module.prior_spur.net is not None else None
+        new_columns = [layer for layer in (prior_input, module.encoder.covariates) if layer is not None]
         for layer in new_columns if new else []:
             mask = torch.zeros_like(layer.weight)
             mask[:, n_old : n_old + len(new)] = 1.0

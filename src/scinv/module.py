@@ -116,6 +116,8 @@ class InVAEModule(nn.Module):
         encode_covariates: bool = False,
         covariate_dropout: float = 0.2,
         classifier_weight: float = 0.0,
+        invariance_weight: float = 0.0,
+        invariance_on_unlabelled: bool = False,
         prior_family: str = "gaussian",
     ):
         super().__init__()
@@ -130,6 +132,7 @@ class InVAEModule(nn.Module):
         n_latent = n_latent_inv + n_latent_spur
         self.covariate_dropout = covariate_dropout
         self.classifier_weight = classifier_weight
+        self.invariance_weight, self.invariance_on_unlabelled = invariance_weight, invariance_on_unlabelled
         # scANVI-style auxiliary classifier: labels as targets of z_inv (never as encoder inputs)
         # keep the invariant latent label-informative where the counts carry weak type signal
         self.classifier = InvariantClassifier(n_latent_inv, n_labels, 0) if (classifier_weight > 0 and n_labels > 1) else None
@@ -262,6 +265,40 @@ class InVAEModule(nn.Module):
         log_q_spur = torch.logsumexp(spur_part.sum(-1), dim=1) - norm
         return log_qz - log_q_inv - log_q_spur
 
+    @staticmethod
+    def batch_invariance(z_inv: torch.Tensor, label_weights: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
+        """Between-batch scatter of z_inv within labels (scalar): sum over labels k and batches e of
+        n_ke ||mean(z_inv | k, e) - mean(z_inv | k)||^2, divided by the total weight; z_inv (B, D_inv),
+        label_weights (B, K) each cell's weight per label (one-hot for a known label, predicted
+        probabilities or zeros otherwise), env (B,) batch codes; means are weighted by label_weights.
+
+        Zero when, within every label, each batch's cells sit at the same mean: the first moment of
+        z_inv independent of the batch given the label, which is what the invariant prior p(z_inv | y)
+        assumes. The ELBO alone does not enforce it: the encoder may keep batch differences in z_inv.
+        """
+        total = label_weights.sum()
+        if total < 2:
+            return z_inv.new_zeros(())
+        e = F.one_hot(env, int(env.max()) + 1).to(z_inv.dtype)  # (B, E)
+        w = label_weights.to(z_inv.dtype)[:, :, None] * e[:, None, :]  # (B, K, E)
+        n_ke = w.sum(0)  # (K, E)
+        sum_ke = torch.einsum("bke,bd->ked", w, z_inv)  # (K, E, D)
+        mean_ke = sum_ke / n_ke.clamp_min(1e-8)[..., None]
+        mean_k = sum_ke.sum(1) / n_ke.sum(1).clamp_min(1e-8)[:, None]  # (K, D)
+        return (n_ke * ((mean_ke - mean_k[:, None, :]) ** 2).sum(-1)).sum() / total
+
+    def invariance_label_weights(self, qm_inv: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """(B, K): one-hot known labels; for unknown ones the jointly trained classifier's predicted
+        probabilities (detached: they weigh the cells, the penalty does not train the classifier)
+        when `invariance_on_unlabelled` and there is a classifier, else zeros."""
+        known = (label >= 0).unsqueeze(-1)
+        weights = F.one_hot(label.clamp_min(0), self.n_labels).to(qm_inv.dtype) * known
+        if self.invariance_on_unlabelled and self.classifier is not None and not bool(known.all()):
+            with torch.no_grad():
+                predicted = torch.softmax(self.classifier(qm_inv), dim=-1)
+            weights = torch.where(known, weights, predicted)
+        return weights
+
     # -- loss -----------------------------------------------------------------------------------
     def reconstruction_loss(self, batch: dict[str, torch.Tensor], logits: torch.Tensor, log_lib: torch.Tensor) -> torch.Tensor:
         """Mean NB negative log-likelihood per cell (scalar) of x = batch["x"] (B, G) given mu = lib
@@ -282,9 +319,10 @@ class InVAEModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0, dataset_size: int = 1) -> dict[str, torch.Tensor]:
         """Per-minibatch mean losses (scalars): 'loss', 'reconstruction', 'kl_inv', 'kl_spur', 'tc',
-        'classification', 'score_matching'.
+        'classification', 'score_matching', 'invariance'.
 
-        batch: x (B, G) counts, label (B,), inv (B, C_inv), spur (B, C_spur); optionally x_log
+        batch: x (B, G) counts, label (B,), inv (B, C_inv), spur (B, C_spur); optionally env (B,)
+        batch codes (for the invariance penalty), x_log
         (B, G) log1p counts (fp32 or bf16) and the loader's likelihood terms: log_lib (B, 1),
         log_x_factorial (B,), count_at_least (G, K), tail_cols and tail_vals (T,).
         """
@@ -316,6 +354,11 @@ class InVAEModule(nn.Module):
             logits = self.classifier(qm[:, : self.n_latent_inv])
             classification = F.cross_entropy(logits, label, ignore_index=-1, reduction="sum") / n_labelled
             loss = loss + self.classifier_weight * classification
+        invariance = torch.zeros((), device=x.device)
+        if self.invariance_weight > 0 and "env" in batch and self.n_labels > 1:
+            qm_inv = qm[:, : self.n_latent_inv]
+            invariance = self.batch_invariance(qm_inv, self.invariance_label_weights(qm_inv, label), batch["env"])
+            loss = loss + self.invariance_weight * invariance
         tc = torch.zeros_like(kl_inv)
         if self.tc_weight > 0 and self.n_latent_spur > 0 and self.n_latent_inv > 0:
             tc = self.total_correlation(z, qm, qv, dataset_size).mean()
@@ -328,4 +371,5 @@ class InVAEModule(nn.Module):
             "tc": tc,
             "classification": classification,
             "score_matching": score_matching,
+            "invariance": invariance,
         }

@@ -1,0 +1,292 @@
+"""Label transfer to unseen batches and scIB scores: scinv against PCA, Harmony, scVI and scANVI.
+
+For each dataset, held-out split and seed, every method sees the same preprocessed data (the
+pipeline's QC/normalisation functions) with the labels of the held-out batches hidden; the held-out
+cells are in every method's training data unlabelled, as in the pipeline (`--heldout_batches`).
+Scores per method:
+
+- transfer accuracy and macro-F1 on the held-out cells: scinv's invariant predictor and scANVI's
+  classifier as they are, every embedding also by a distance-weighted 15-NN classifier fitted on
+  the reference cells ("kNN");
+- scIB (the METRICS step's `fast` profile, k-means NMI/ARI included) of the embedding on all cells.
+
+Datasets (the data files are read from ../shared/data or the bundled assets, never committed):
+
+- kang: Kang et al. 2018 control PBMCs, 8 donors; leave-one-donor-out for `--kang-donors`;
+- liao: the bundled Liao et al. 2020 BALF data, donor C149 held out (as `-profile test`);
+- synthetic: NB counts with strong batch effects and weak type markers, batch b3 held out.
+
+Results go row by row into a CSV (`--csv`); runs already in it are skipped, so an interrupted
+benchmark resumes, and variants (`--variant name:key=value,...`, scinv's options) can be added to it
+later. The summary (mean +- sd over seeds) is printed and written as Markdown (`--markdown`).
+
+    .venv/bin/python benchmarks/bench_science.py                       # everything, seeds 0 1 2
+    .venv/bin/python benchmarks/bench_science.py --datasets kang --methods scinv --variant tc:tc_weight=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+UNKNOWN = "Unknown"
+METHODS = ("scinv", "pca", "harmony", "scvi", "scanvi")
+KANG_DONORS = ("donor_1015", "donor_1016", "donor_107")  # the largest, a middle and a small donor of the 8
+COLUMNS = [
+    "dataset",
+    "heldout",
+    "seed",
+    "method",
+    "fit_s",
+    "epochs",
+    "clf_accuracy",
+    "clf_macro_f1",
+    "knn_accuracy",
+    "knn_macro_f1",
+    "scib_total",
+    "bio",
+    "batch_correction",
+]
+COLUMNS += ["KMeans NMI", "KMeans ARI", "Silhouette label", "cLISI", "iLISI", "BRAS", "Graph connectivity", "PCR comparison"]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- datasets: (AnnData with counts layer, log-normalised X and X_pca; batch key; label key; splits) --
+def prepare(adata, seed: int = 0):
+    from scinv.preprocess import normalize_and_select
+
+    return normalize_and_select(adata, n_top_genes=2000, batch_key="batch", flavor="seurat", seed=seed)
+
+
+def load_kang(donors):
+    import anndata as ad
+
+    path = SHARED / "kang2018_pbmc_ctrl.h5ad"
+    if not path.exists():
+        raise SystemExit(f"{path}: not found; the Kang data are read from ../shared/data beside the project")
+    adata = ad.read_h5ad(path)
+    adata.obs = adata.obs[["batch", "cell_type"]].astype(str)
+    adata.layers["counts"] = adata.X.copy()
+    found = set(adata.obs["batch"])
+    missing = [d for d in donors if d not in found]
+    if missing:
+        raise SystemExit(f"--kang-donors {missing} are not donors of the Kang data; use some of {sorted(found)}")
+    return prepare(adata), [[d] for d in donors]
+
+
+def load_liao():
+    from scinv.preprocess import QCThresholds, load_input, run_qc
+
+    adata = load_input(str(ROOT / "assets" / "samplesheet_test.csv"), annotations=str(ROOT / "assets" / "liao2020" / "derived_celltype_labels.csv"))
+    adata.obs["cell_type"] = adata.obs["celltype_derived"].astype(str)
+    kept, _ = run_qc(adata, QCThresholds(), "batch", seed=0)
+    kept.obs = kept.obs[["batch", "cell_type"]].astype(str)
+    return prepare(kept), [["C149"]]
+
+
+def load_synthetic():
+    from scinv.datasets import synthetic_counts
+
+    # strong per-gene batch factors, types told apart by a few weak markers: the shift is technical
+    adata = synthetic_counts(n_cells=4000, n_genes=1000, n_batches=4, n_types=6, batch_strength=0.8, type_strength=0.6, marker_fraction=0.1, seed=0)
+    adata.obs = adata.obs.astype(str)
+    return prepare(adata), [["b3"]]
+
+
+# -- methods: each returns {"embedding": (cells, d), optional "prediction": (cells,)} ----------------
+def run_scinv(adata, labels, seed, options):
+    from scinv.config import ModelConfig, PredictorConfig, TrainingConfig
+    from scinv.model import InVAE
+
+    fields = {k: {f for f in cls.__dataclass_fields__} for k, cls in (("model", ModelConfig), ("train", TrainingConfig), ("predictor", PredictorConfig))}
+    model_opts = {k: v for k, v in options.items() if k in fields["model"]}
+    train_opts = {k: v for k, v in options.items() if k in fields["train"] and k not in model_opts}
+    pred_opts = {k[len("predictor_") :]: v for k, v in options.items() if k.startswith("predictor_")}
+    unknown = set(options) - set(model_opts) - set(train_opts) - {k for k in options if k.startswith("predictor_")}
+    if unknown:
+        raise SystemExit(f"--variant: unknown scinv options {sorted(unknown)}")
+    data = adata.copy()
+    data.obs["label"] = labels.to_numpy()
+    model = InVAE(data, layer="counts", batch_key="batch", label_key="label", unknown_label=UNKNOWN, **model_opts)
+    model.train(device="cpu", **{"seed": seed, "log_every": 25, **train_opts})
+    model.train_predictor(**{"seed": seed, **pred_opts})
+    predicted, _ = model.predict(data)
+    return {"embedding": model.get_latent_representation(data, "inv"), "prediction": predicted, "epochs": len(model.history)}
+
+
+def run_pca(adata, labels, seed, options):
+    return {"embedding": np.asarray(adata.obsm["X_pca"], np.float32)}
+
+
+def run_harmony(adata, labels, seed, options):
+    from scinv.baselines import harmony_embedding
+
+    return {"embedding": harmony_embedding(adata, "batch", seed=seed, threads=2)}
+
+
+_SCVI_CACHE: dict = {}  # (cells, labels, seed) -> the scVI model scANVI fine-tunes: scVI is trained once
+
+
+def _scvi_model(adata, labels, seed, options):
+    from scinv.baselines import train_scvi
+
+    key = (adata.n_obs, tuple(labels), seed)
+    if key not in _SCVI_CACHE:
+        _SCVI_CACHE.clear()
+        _SCVI_CACHE[key] = train_scvi(adata, "batch", n_latent=25, max_epochs=options.get("max_epochs"), seed=seed, accelerator="cpu", labels=labels)
+    return _SCVI_CACHE[key]
+
+
+def run_scvi(adata, labels, seed, options):
+    return {"embedding": np.asarray(_scvi_model(adata, labels, seed, options).get_latent_representation(), np.float32)}
+
+
+def run_scanvi(adata, labels, seed, options):
+    from scinv.baselines import scanvi_embedding
+
+    z, predicted = scanvi_embedding(adata, "batch", labels, UNKNOWN, seed=seed, accelerator="cpu", scvi_model=_scvi_model(adata, labels, seed, options))
+    return {"embedding": z, "prediction": predicted}
+
+
+RUNNERS = {"scinv": run_scinv, "pca": run_pca, "harmony": run_harmony, "scvi": run_scvi, "scanvi": run_scanvi}
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+def score(adata, result, heldout, seed, n_jobs) -> dict:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from scinv.metrics import label_transfer_scores, run_scib
+
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    query = adata.obs["batch"].astype(str).isin(heldout).to_numpy()
+    z = result["embedding"]
+    knn = KNeighborsClassifier(n_neighbors=15, weights="distance").fit(z[~query], truth[~query])
+    row = {f"knn_{k}": v for k, v in label_transfer_scores(truth[query], knn.predict(z[query])).items()}
+    if "prediction" in result:
+        row.update({f"clf_{k}": v for k, v in label_transfer_scores(truth[query], np.asarray(result["prediction"]).astype(str)[query]).items()})
+    scored = adata.copy()
+    scored.obsm["X_method"] = z
+    scib = run_scib(scored, ["X_method"], "batch", "cell_type", profile="fast", n_jobs=n_jobs, seed=seed).loc["X_method"]
+    row.update({"bio": scib["Bio conservation"], "batch_correction": scib["Batch correction"], "scib_total": scib["Total"]})
+    row.update(
+        {c: scib[c] for c in ("KMeans NMI", "KMeans ARI", "Silhouette label", "cLISI", "iLISI", "BRAS", "Graph connectivity", "PCR comparison") if c in scib}
+    )
+    return row
+
+
+def parse_variants(specs: list[str]) -> dict[str, dict]:
+    """'name:key=value,key=value' -> {name: {key: value}} (values as int, float, bool or str)."""
+
+    def value(text: str):
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return {"true": True, "false": False}.get(text.lower(), text)
+
+    variants = {}
+    for spec in specs:
+        name, _, body = spec.partition(":")
+        variants[f"scinv[{name}]"] = {k: value(v) for k, v in (item.split("=", 1) for item in body.split(",") if item)}
+    return variants
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd over seeds per dataset, split and method; 'transfer' = the method's own classifier if it has one, else kNN."""
+    df = df.copy()
+    df["transfer"] = df["clf_accuracy"].fillna(df["knn_accuracy"]) if "clf_accuracy" in df else df["knn_accuracy"]
+    df["transfer_f1"] = df["clf_macro_f1"].fillna(df["knn_macro_f1"]) if "clf_macro_f1" in df else df["knn_macro_f1"]
+    cols = ["transfer", "transfer_f1", "knn_accuracy", "scib_total", "bio", "batch_correction", "KMeans NMI", "KMeans ARI"]
+    g = df.groupby(["dataset", "heldout", "method"], sort=False)[[c for c in cols if c in df]]
+    out = g.mean().round(3).astype(str) + " ± " + g.std().fillna(0).round(3).astype(str)
+    out["seeds"] = g.size()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="kang,liao,synthetic")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--kang-donors", default=",".join(KANG_DONORS), help="Kang donors held out one at a time.")
+    ap.add_argument("--variant", action="append", default=[], help="An extra scinv run 'name:option=value,...' (model, training or predictor_* options).")
+    ap.add_argument("--baseline-epochs", type=int, default=200, help="scVI (and scANVI's scVI pre-training) epochs; scinv's default max_epochs is 200 too.")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two benchmarks share 2 cores).")
+    ap.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "bench_science.csv"))
+    ap.add_argument("--summarise-with", action="append", default=[], help="More result CSVs (e.g. of a run beside this one) for the summary.")
+    ap.add_argument("--markdown", default=None, help="Write the summary table here too.")
+    args = ap.parse_args()
+
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    methods = {m: {} for m in args.methods.split(",") if m}
+    bad = [m for m in methods if m not in RUNNERS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; use some of {list(RUNNERS)}")
+    for m in ("scvi", "scanvi"):
+        if m in methods:
+            methods[m] = {"max_epochs": args.baseline_epochs}
+    methods.update(parse_variants(args.variant))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    csv = Path(args.csv)
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    done = pd.read_csv(csv, dtype={"heldout": str}) if csv.exists() else pd.DataFrame(columns=["dataset", "heldout", "seed", "method"])
+    have = set(zip(done["dataset"], done["heldout"].astype(str), done["seed"].astype(int), done["method"]))
+
+    from scinv.data import hide_heldout_labels
+
+    for name in args.datasets.split(","):
+        log(f"{name}: preparing")
+        adata, splits = {"kang": lambda: load_kang(args.kang_donors.split(",")), "liao": load_liao, "synthetic": load_synthetic}[name]()
+        log(f"{name}: {adata.n_obs} cells x {adata.n_vars} genes, batches {adata.obs['batch'].nunique()}, labels {adata.obs['cell_type'].nunique()}")
+        for heldout in splits:
+            labels = hide_heldout_labels(adata.obs, "batch", "cell_type", heldout, UNKNOWN, name)
+            for seed in seeds:
+                for method, options in methods.items():
+                    key = (name, "+".join(heldout), seed, method)
+                    if key in have:
+                        continue
+                    t0 = time.perf_counter()
+                    runner = RUNNERS["scinv" if method.startswith("scinv[") else method]
+                    result = runner(adata, labels, seed, options)
+                    fit_s = time.perf_counter() - t0
+                    row = {
+                        "dataset": name,
+                        "heldout": key[1],
+                        "seed": seed,
+                        "method": method,
+                        "fit_s": round(fit_s, 1),
+                        **score(adata, result, heldout, seed, args.threads),
+                    }
+                    if "epochs" in result:
+                        row["epochs"] = result["epochs"]
+                    log(
+                        f"{name} {key[1]} seed {seed} {method}: transfer {row.get('clf_accuracy', row['knn_accuracy']):.3f} "
+                        f"(kNN {row['knn_accuracy']:.3f}) scIB {row['scib_total']:.3f} bio {row['bio']:.3f} batch {row['batch_correction']:.3f} ({fit_s:.0f} s)"
+                    )
+                    pd.DataFrame([row]).reindex(columns=COLUMNS).to_csv(csv, mode="a", header=not csv.exists() or csv.stat().st_size == 0, index=False)
+    results = [pd.read_csv(f, dtype={"heldout": str}) for f in [csv, *args.summarise_with] if Path(f).exists()]
+    table = summarise(pd.concat(results, ignore_index=True))
+    print(table.to_string())
+    if args.markdown:
+        Path(args.markdown).write_text(table.to_markdown() + "\n")
+
+
+if __name__ == "__main__":
+    main()
