@@ -216,6 +216,13 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def markdown(table: pd.DataFrame) -> str:
+    """The summary as a Markdown table (pandas' to_markdown needs tabulate, which is not installed)."""
+    flat = table.reset_index()
+    rows = [list(flat.columns), ["---"] * flat.shape[1], *flat.astype(str).to_numpy().tolist()]
+    return "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="kang,liao,synthetic")
@@ -285,7 +292,7 @@ def main() -> None:
     table = summarise(pd.concat(results, ignore_index=True))
     print(table.to_string())
     if args.markdown:
-        Path(args.markdown).write_text(table.to_markdown() + "\n")
+        Path(args.markdown).write_text(markdown(table))
 
 
 if __name__ == "__main__":
