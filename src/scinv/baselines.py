@@ -99,23 +99,14 @@ def train_scvi(
     return model
 
 
-def scvi_embedding(
-    adata: ad.AnnData,
-    batch_key: str,
-    layer: str = "counts",
-    n_latent: int = 25,
-    n_hidden: int = 128,
-    n_layers: int = 2,
-    max_epochs: int | None = None,
-    seed: int = 0,
-    accelerator: str = "auto",
-) -> np.ndarray:
+def scvi_embedding(adata: ad.AnnData, batch_key: str, **scvi_options) -> np.ndarray:
     """scVI (scvi-tools) trained on raw counts with the batch as covariate -> latent, shape (cells, n_latent).
 
-    Defaults match scinv's default size (20 + 5 latent dims, 2 x 128 layers) so scores compare like
-    for like. `max_epochs=None` keeps scvi-tools' heuristic (min(round(20000 / n_cells * 400), 400)).
+    `scvi_options` are those of :func:`train_scvi`; its defaults match scinv's default size (20 + 5
+    latent dims, 2 x 128 layers) so scores compare like for like. `max_epochs=None` keeps
+    scvi-tools' heuristic (min(round(20000 / n_cells * 400), 400)).
     """
-    model = train_scvi(adata, batch_key, layer, n_latent, n_hidden, n_layers, max_epochs, seed, accelerator)
+    model = train_scvi(adata, batch_key, **scvi_options)
     return np.asarray(model.get_latent_representation(), dtype=np.float32)
 
 
@@ -124,22 +115,16 @@ def scanvi_embedding(
     batch_key: str,
     labels: pd.Series,
     unknown_label: str,
-    layer: str = "counts",
-    n_latent: int = 25,
-    n_hidden: int = 128,
-    n_layers: int = 2,
-    max_epochs: int | None = None,
     scanvi_epochs: int | None = None,
-    seed: int = 0,
-    accelerator: str = "auto",
     scvi_model=None,
+    **scvi_options,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """scANVI: scVI pre-trained as in :func:`scvi_embedding`, then fine-tuned with the labels
-    (`labels` (cells,), `unknown_label` for cells to predict, e.g. held-out batches), as
+    """scANVI: scVI pre-trained as in :func:`scvi_embedding` (`scvi_options`), then fine-tuned with
+    the labels (`labels` (cells,), `unknown_label` for cells to predict, e.g. held-out batches), as
     scvi-tools recommends. Returns the latent (cells, n_latent) and scANVI's own classifier's
     predicted labels (cells,). `scanvi_epochs=None` keeps scvi-tools' heuristic (at most 10 epochs
     after pre-training). `scvi_model`: a model from :func:`train_scvi` with these `labels`, to
-    fine-tune instead of training a new one (the rest of the options are then unused).
+    fine-tune instead of training a new one.
 
     It sees the same labels as scinv, so it is the fair comparator for label transfer.
     """
@@ -148,10 +133,10 @@ def scanvi_embedding(
     labels = pd.Series(normalize_labels(labels, unknown_label), index=adata.obs_names).astype(str)
     if (labels != unknown_label).sum() == 0 or labels[labels != unknown_label].nunique() < 2:
         raise ScinvInputError("scanvi: needs at least two known labels; fix label_key")
-    model = scvi_model or train_scvi(adata, batch_key, layer, n_latent, n_hidden, n_layers, max_epochs, seed, accelerator, labels=labels)
-    scvi.settings.seed = seed
+    model = scvi_model or train_scvi(adata, batch_key, labels=labels, **scvi_options)
+    scvi.settings.seed = scvi_options.get("seed", 0)
     scanvi = scvi.model.SCANVI.from_scvi_model(model, unlabeled_category=unknown_label, labels_key=SCANVI_LABELS)
-    scanvi.train(max_epochs=scanvi_epochs, accelerator=accelerator, enable_progress_bar=False)
+    scanvi.train(max_epochs=scanvi_epochs, accelerator=scvi_options.get("accelerator", "auto"), enable_progress_bar=False)
     log.info("scanvi: fine-tuned %d epochs", len(scanvi.history["elbo_train"]))
     latent = np.asarray(scanvi.get_latent_representation(), dtype=np.float32)
     return latent, np.asarray(scanvi.predict(), dtype=object)
