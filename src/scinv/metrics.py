@@ -153,7 +153,7 @@ def run_scib(
     df["Total"] = 0.4 * df["Batch correction"] + 0.6 * df["Bio conservation"]
     pub = [c for c in PUBLISHED_BATCH if c in df.columns]
     df["Batch (published)"] = df[pub].mean(axis=1)
-    df["Total (published)"] = 0.4 * df["Batch (published)"] + 0.6 * df[bio_cols].mean(axis=1)
+    df["Total (published)"] = 0.4 * df["Batch (published)"] + 0.6 * df["Bio conservation"]
     df.index.name = "embedding"
     df.attrs["n_cells"] = slim.n_obs
     return df
