@@ -6,17 +6,21 @@
  */
 nextflow.enable.dsl = 2
 
-include { SCINV                          } from './workflows/scinv'
-include { validateParameters; helpText; logLocalCaps } from './subworkflows/local/utils_scinv'
+include { SCINV                    } from './workflows/scinv'
+include { PIPELINE_INITIALISATION  } from './subworkflows/local/utils_scinv'
+include { helpText                 } from './subworkflows/local/utils_scinv'
 
 workflow {
     if (params.help) {
         log.info helpText("${projectDir}/nextflow_schema.json")
         return
     }
-    validateParameters("${projectDir}/nextflow_schema.json")
-    logLocalCaps()
-    SCINV()
+    PIPELINE_INITIALISATION(params.input, params.annotations)
+    SCINV(
+        PIPELINE_INITIALISATION.out.samples,
+        PIPELINE_INITIALISATION.out.annotations,
+        PIPELINE_INITIALISATION.out.versions,
+    )
 }
 
 workflow.onComplete {

@@ -1,39 +1,38 @@
 #!/usr/bin/env python3
-"""NORMALIZE: normalize_total + log1p, batch-aware HVG selection on raw counts, PCA."""
+"""NORMALIZE: merge the QC'd samples (kept cells, genes), batch-aware HVGs, normalize_total + log1p, PCA."""
 
 import click
 
 from scinv.cli import step
-from scinv.errors import ScinvInputError
-from scinv.io import read_h5ad, write_h5ad
-from scinv.preprocess import normalize_and_select
+from scinv.gather import gather
+from scinv.io import write_table
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--input", "input_path", required=True, type=click.Path(exists=True), help="QC-filtered .h5ad.")
+@click.argument("samples", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--output", required=True, type=click.Path(), help="HVG-subset .h5ad (raw counts in layers['counts'], log-normalised X, X_pca).")
+@click.option("--summary", required=True, type=click.Path(), help="CSV: cells per sample before/kept/removed per reason.")
+@click.option("--cells", "cells_out", required=True, type=click.Path(), help="Parquet with the QC metrics and verdict of every input cell.")
 @click.option("--batch-key", default="batch", help="obs column for batch-aware HVG selection.")
+@click.option("--min-cells-per-gene", default=3, type=int, help="Drop genes detected in fewer kept cells (over all samples).")
 @click.option("--n-top-genes", default=2000, type=int, help="Number of highly variable genes.")
 @click.option(
     "--flavor",
     default="seurat_v3",
     type=click.Choice(["seurat_v3", "pearson_residuals", "seurat", "cell_ranger"]),
-    help="HVG method (seurat_v3 and pearson_residuals use raw counts).",
+    help="HVG method (seurat_v3 and pearson_residuals use raw counts). seurat_v3 runs batch by batch; the others hold all cells in memory.",
 )
 @click.option("--target-sum", default=1e4, type=float, help="Counts per cell after normalize_total.")
 @click.option("--n-pcs", default=50, type=int, help="Principal components of the unintegrated baseline.")
 @click.option("--seed", default=0, type=int, help="Random seed.")
 @step
-def main(input_path, output, batch_key, n_top_genes, flavor, target_sum, n_pcs, seed):
-    """Normalise and select highly variable genes."""
-    adata = read_h5ad(input_path)
-    if "counts" not in adata.layers:
-        raise ScinvInputError(f"{input_path}: layers['counts'] missing; run CHECK_INPUT/QC first")
-    if batch_key not in adata.obs:
-        raise ScinvInputError(f"{input_path}: obs column '{batch_key}' not found; fix --batch_key")
-    hvg = normalize_and_select(adata, n_top_genes, batch_key, flavor, target_sum, n_pcs, seed)
-    write_h5ad(hvg, output)
-    click.echo(f"NORMALIZE: {hvg.n_obs} cells x {hvg.n_vars} HVGs ({hvg.uns['scinv_normalize']['hvg']['flavor']})", err=True)
+def main(samples, output, summary, cells_out, batch_key, min_cells_per_gene, n_top_genes, flavor, target_sum, n_pcs, seed):
+    """Merge per-sample QC files (SAMPLES: .h5ad from QC) into the normalised HVG .h5ad."""
+    table, cells, record = gather(list(samples), output, batch_key, n_top_genes, flavor, target_sum, n_pcs, min_cells_per_gene, seed)
+    write_table(cells, cells_out)
+    write_table(table, summary)
+    click.echo(table.to_string(), err=True)
+    click.echo(f"NORMALIZE: {int(table.loc['total', 'kept'])} cells x {record['n_top_genes']} HVGs ({record['hvg']['flavor']})", err=True)
 
 
 if __name__ == "__main__":

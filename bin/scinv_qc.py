@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
-"""QC: per-cell metrics, threshold and MAD filters, per-batch doublet detection, kept/removed table."""
+"""QC of one sample: per-cell metrics, threshold and MAD filters, doublet detection; every cell's verdict."""
+
+import json
+from pathlib import Path
 
 import click
 
 from scinv.cli import step
-from scinv.io import read_h5ad, write_h5ad, write_table
-from scinv.preprocess import QCThresholds, run_qc
+from scinv.io import read_h5ad, write_h5ad
+from scinv.preprocess import QCThresholds, load_sample, qc_sample, qc_table
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--input", "input_path", required=True, type=click.Path(exists=True), help="Merged .h5ad from CHECK_INPUT.")
-@click.option("--output", required=True, type=click.Path(), help="Filtered .h5ad.")
-@click.option("--summary", required=True, type=click.Path(), help="CSV: cells per sample before/kept/removed per reason.")
-@click.option("--cells", "cells_out", required=True, type=click.Path(), help="Parquet with the QC metrics and verdict of every input cell.")
-@click.option("--batch-key", default="batch", help="obs column for per-batch doublet detection.")
+@click.option(
+    "--input", "input_path", required=True, type=click.Path(exists=True), help="One sample's counts (10x .h5, MTX folder, .h5ad), or an .h5ad of samples."
+)
+@click.option("--output", required=True, type=click.Path(), help=".h5ad with every input cell, its QC metrics and obs['qc_reason'] (kept or why not).")
+@click.option(
+    "--row", "row_json", default=None, type=click.Path(exists=True), help="JSON: the sample's row of CHECK_INPUT's samplesheet (obs columns, thresholds)."
+)
+@click.option("--annotations", default=None, type=click.Path(), help="Optional CSV with a cell_id column whose other columns join obs.")
+@click.option("--batch-key", default="batch", help="obs column with the batch of each cell.")
+@click.option("--label-key", default="", help="obs column with cell labels (optional).")
+@click.option("--unknown-label", default="Unknown", help="Value given to unlabelled cells.")
 @click.option(
     "--min-genes",
     default=None,
@@ -28,21 +37,39 @@ from scinv.preprocess import QCThresholds, run_qc
 )
 @click.option("--max-counts", default=None, type=float, help="Maximum counts per cell (column max_counts overrides).")
 @click.option("--max-pct-mito", default=20.0, type=float, help="Maximum % mitochondrial counts (column max_pct_mito overrides).")
-@click.option("--min-cells-per-gene", default=3, type=int, help="Drop genes detected in fewer cells.")
 @click.option("--mad-threshold", default=None, type=float, help="Also drop cells further than this many MADs from their sample's median log counts/genes.")
-@click.option("--doublets/--no-doublets", default=True, help="Run scrublet per batch on raw counts.")
+@click.option("--doublets/--no-doublets", default=True, help="Run scrublet per sample on raw counts.")
 @click.option("--seed", default=0, type=int, help="Random seed for scrublet.")
 @step
-def main(input_path, output, summary, cells_out, batch_key, min_genes, min_counts, max_counts, max_pct_mito, min_cells_per_gene, mad_threshold, doublets, seed):
-    """Filter low-quality cells and doublets."""
-    adata = read_h5ad(input_path)
-    thr = QCThresholds(min_genes, min_counts, max_counts, max_pct_mito, min_cells_per_gene, mad_threshold, doublets)
-    cols = ["sample", batch_key, "n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo", "doublet_score", "qc_reason"]
-    kept, table = run_qc(adata, thr, batch_key, seed)
-    write_table(adata.obs[[c for c in dict.fromkeys(cols) if c in adata.obs]].astype({"qc_reason": str}), cells_out)
-    write_table(table, summary)
-    write_h5ad(kept, output)
-    click.echo(table.to_string(), err=True)
+def main(
+    input_path,
+    output,
+    row_json,
+    annotations,
+    batch_key,
+    label_key,
+    unknown_label,
+    min_genes,
+    min_counts,
+    max_counts,
+    max_pct_mito,
+    mad_threshold,
+    doublets,
+    seed,
+):
+    """Flag low-quality cells and doublets of one sample (NORMALIZE removes them and merges the samples)."""
+    if row_json:
+        row = json.loads(Path(row_json).read_text())
+        adata = load_sample(input_path, row, batch_key, label_key, annotations, unknown_label)
+    else:
+        adata = read_h5ad(input_path)
+        if "counts" not in adata.layers:
+            adata.layers["counts"] = adata.X
+    thr = QCThresholds(min_genes, min_counts, max_counts, max_pct_mito, None, mad_threshold, doublets)
+    qc_sample(adata, thr, seed)
+    adata.X = adata.layers.pop("counts")
+    write_h5ad(adata, output)
+    click.echo(qc_table(adata.obs).to_string(), err=True)
 
 
 if __name__ == "__main__":

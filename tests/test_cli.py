@@ -1,5 +1,6 @@
 """Each bin/ step: documented --help, a real run on small data, and a bad input with a clear error."""
 
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -38,32 +39,32 @@ def test_help_documents_every_option(script):
 def test_check_input_bad_samplesheet_names_file_and_fix(tmp_path):
     sheet = tmp_path / "sheet.csv"
     sheet.write_text("sample,path\nA,missing.h5\n")
-    res = run_script("scinv_check_input.py", "--input", str(sheet), "--output", str(tmp_path / "out.h5ad"))
+    res = run_script("scinv_check_input.py", "--input", str(sheet), "--output", str(tmp_path / "out.csv"))
     assert res.returncode == 2
     line = one_error_line(res.stderr)
     assert "sheet.csv" in line and "missing.h5" in line and "fix the path column" in line
-    assert not (tmp_path / "out.h5ad").exists()
+    assert not (tmp_path / "out.csv").exists()
 
 
 def test_check_input_unknown_column(tmp_path):
     res = run_script(
-        "scinv_check_input.py", "--input", str(ROOT / "assets" / "samplesheet_test.csv"), "--output", str(tmp_path / "o.h5ad"), "--label-key", "cell_type"
+        "scinv_check_input.py", "--input", str(ROOT / "assets" / "samplesheet_test.csv"), "--output", str(tmp_path / "o.csv"), "--label-key", "cell_type"
     )
     assert res.returncode == 2
     assert "'cell_type' not found" in one_error_line(res.stderr)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_check_input_non_integer_counts(tmp_path, small_adata):
+def test_qc_non_integer_counts(tmp_path, small_adata):
     small_adata.X = small_adata.X * 0.5
     del small_adata.layers["counts"]
     write_h5ad(small_adata, tmp_path / "norm.h5ad")
-    sheet = tmp_path / "s.csv"
-    sheet.write_text("sample,path\nS1,norm.h5ad\nS2,norm.h5ad\n")
-    res = run_script("scinv_check_input.py", "--input", str(sheet), "--output", str(tmp_path / "o.h5ad"))
+    (tmp_path / "row.json").write_text('{"sample": "S1", "batch": "b0", "shown_path": "norm.h5ad", "keep_obs": "False"}')
+    res = run_script("scinv_qc.py", "--input", str(tmp_path / "norm.h5ad"), "--row", str(tmp_path / "row.json"), "--output", str(tmp_path / "q.h5ad"))
     assert res.returncode == 2
     line = one_error_line(res.stderr)
     assert "norm.h5ad" in line and "raw UMI counts" in line
+    assert not (tmp_path / "q.h5ad").exists()
 
 
 def test_steps_chain_on_small_data(tmp_path, small_adata):
@@ -72,25 +73,26 @@ def test_steps_chain_on_small_data(tmp_path, small_adata):
     small_adata.obs["depth"] = small_adata.X.sum(1).A1 / 1000.0
     write_h5ad(small_adata, tmp_path / "in.h5ad")
     t = lambda n: str(tmp_path / n)  # noqa: E731
+    qc_options = ("--label-key", "cell_type", "--min-genes", "10", "--min-counts", "10", "--no-doublets")
     steps = [
-        ("scinv_check_input.py", "--input", t("in.h5ad"), "--output", t("m.h5ad"), "--label-key", "cell_type"),
+        ("scinv_check_input.py", "--input", t("in.h5ad"), "--output", t("sheet.csv"), "--split-dir", t("split"), "--label-key", "cell_type"),
+        *[("scinv_qc.py", "--input", t(f"split/sample_0000{i}.h5ad"), "--row", t(f"row{i}.json"), "--output", t(f"q{i}.h5ad"), *qc_options) for i in (1, 2, 3)],
         (
-            "scinv_qc.py",
-            "--input",
-            t("m.h5ad"),
+            "scinv_normalize.py",
+            t("q1.h5ad"),
+            t("q2.h5ad"),
+            t("q3.h5ad"),
             "--output",
-            t("q.h5ad"),
+            t("n.h5ad"),
             "--summary",
             t("qs.csv"),
             "--cells",
             t("qc.parquet"),
-            "--min-genes",
+            "--n-top-genes",
+            "100",
+            "--n-pcs",
             "10",
-            "--min-counts",
-            "10",
-            "--no-doublets",
         ),
-        ("scinv_normalize.py", "--input", t("q.h5ad"), "--output", t("n.h5ad"), "--n-top-genes", "100", "--n-pcs", "10"),
         (
             "scinv_train.py",
             "--input",
@@ -132,10 +134,12 @@ def test_steps_chain_on_small_data(tmp_path, small_adata):
         ),
     ]
     for args in steps:
+        if args[0] == "scinv_qc.py" and not Path(args[4]).exists():
+            sheet = pd.read_csv(t("sheet.csv"), dtype=str, keep_default_na=False)
+            for i, row in enumerate(sheet.to_dict("records"), start=1):
+                Path(t(f"row{i}.json")).write_text(json.dumps(row))
         res = run_script(*args)
         assert res.returncode == 0, f"{args[0]}: {res.stderr[-2000:]}"
-    import json
-
     registry = json.loads((tmp_path / "model" / "config.json").read_text())["registry"]
     assert registry["invariant"][0]["categories"] == ["disease", "healthy"]
     assert registry["spurious"][0]["key"] == "depth" and not registry["spurious"][0]["categorical"]
@@ -150,18 +154,18 @@ def test_steps_chain_on_small_data(tmp_path, small_adata):
     assert summary.loc["total", "before"] == 600
 
 
-def test_qc_refuses_when_all_cells_fail(tmp_path, small_adata):
+def test_normalize_refuses_when_all_cells_fail(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "m.h5ad")
-    res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-genes", "100000"))
+    assert run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-genes", "100000")).returncode == 0
+    res = run_script("scinv_normalize.py", *normalize_args(tmp_path))
     assert res.returncode == 2 and "relax --min_genes/--min_counts/--max_pct_mito" in one_error_line(res.stderr)
-    assert not (tmp_path / "q.h5ad").exists()
+    assert not (tmp_path / "n.h5ad").exists()
 
 
-def test_normalize_missing_counts_layer(tmp_path, small_adata):
-    del small_adata.layers["counts"]
+def test_normalize_names_a_file_that_is_not_from_qc(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "q.h5ad")
-    res = run_script("scinv_normalize.py", "--input", str(tmp_path / "q.h5ad"), "--output", str(tmp_path / "n.h5ad"))
-    assert res.returncode == 2 and "layers['counts']" in one_error_line(res.stderr)
+    res = run_script("scinv_normalize.py", *normalize_args(tmp_path))
+    assert res.returncode == 2 and "q.h5ad" in one_error_line(res.stderr) and "QC" in one_error_line(res.stderr)
 
 
 def test_train_missing_label_column(tmp_path, small_adata):
@@ -208,16 +212,18 @@ def train_args(tmp_path, *extra):
 
 
 def qc_args(tmp_path, data, *extra):
+    return ("--input", str(data), "--output", str(tmp_path / "q.h5ad"), "--no-doublets", *extra)
+
+
+def normalize_args(tmp_path, *extra):
     return (
-        "--input",
-        str(data),
-        "--output",
         str(tmp_path / "q.h5ad"),
+        "--output",
+        str(tmp_path / "n.h5ad"),
         "--summary",
         str(tmp_path / "s.csv"),
         "--cells",
         str(tmp_path / "c.parquet"),
-        "--no-doublets",
         *extra,
     )
 
@@ -225,11 +231,11 @@ def qc_args(tmp_path, data, *extra):
 def test_check_input_refuses_a_single_batch(tmp_path, small_adata):
     small_adata.obs["batch"] = "only"
     write_h5ad(small_adata, tmp_path / "one.h5ad")
-    res = run_script("scinv_check_input.py", "--input", str(tmp_path / "one.h5ad"), "--output", str(tmp_path / "o.h5ad"))
+    res = run_script("scinv_check_input.py", "--input", str(tmp_path / "one.h5ad"), "--output", str(tmp_path / "o.csv"))
     assert res.returncode == 2
     line = one_error_line(res.stderr)
     assert "one.h5ad" in line and "only one batch in column 'batch'" in line and "--batch_key" in line
-    assert not (tmp_path / "o.h5ad").exists()
+    assert not (tmp_path / "o.csv").exists()
 
 
 def test_qc_drops_a_sample_left_with_zero_cells_and_goes_on(tmp_path, small_adata):
@@ -237,10 +243,11 @@ def test_qc_drops_a_sample_left_with_zero_cells_and_goes_on(tmp_path, small_adat
     small_adata.obs["min_genes"] = (small_adata.obs["batch"] == "b1").map({True: 10**6, False: 10}).astype(float)
     small_adata.obs["sample"] = small_adata.obs["batch"]
     write_h5ad(small_adata, tmp_path / "m.h5ad")
-    res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-counts", "1"))
+    assert run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-counts", "1")).returncode == 0
+    res = run_script("scinv_normalize.py", *normalize_args(tmp_path, "--n-top-genes", "50"))
     assert res.returncode == 0, res.stderr
     assert "WARNING QC left zero cells in sample(s) ['b1']: they are dropped" in res.stderr and "Traceback" not in res.stderr
-    kept = ad.read_h5ad(tmp_path / "q.h5ad")
+    kept = ad.read_h5ad(tmp_path / "n.h5ad")
     assert set(kept.obs["batch"]) == {"b0", "b2"} and kept.n_obs == (small_adata.obs["batch"] != "b1").sum()
     table = pd.read_csv(tmp_path / "s.csv", index_col=0)
     assert table.loc["b1", "kept"] == 0 and table.loc["b1", "low_genes"] == (small_adata.obs["batch"] == "b1").sum()
@@ -249,18 +256,20 @@ def test_qc_drops_a_sample_left_with_zero_cells_and_goes_on(tmp_path, small_adat
 def test_qc_stops_when_only_one_batch_is_left(tmp_path, small_adata):
     small_adata.obs["min_genes"] = (small_adata.obs["batch"] == "b0").map({True: 10, False: 10**6}).astype(float)
     write_h5ad(small_adata, tmp_path / "m.h5ad")
-    res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-counts", "1"))
+    assert run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-counts", "1")).returncode == 0
+    res = run_script("scinv_normalize.py", *normalize_args(tmp_path))
     assert res.returncode == 2
     assert "QC left cells in only one batch (b0)" in one_error_line(res.stderr)
-    assert not list(tmp_path.glob("q.h5ad*")) and not (tmp_path / "s.csv").exists()
+    assert not list(tmp_path.glob("n.h5ad*")) and not (tmp_path / "s.csv").exists()
 
 
 def test_qc_refuses_when_every_gene_is_filtered(tmp_path, small_adata):
     write_h5ad(small_adata, tmp_path / "m.h5ad")
-    res = run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-genes", "1", "--min-counts", "1", "--min-cells-per-gene", "100000"))
+    assert run_script("scinv_qc.py", *qc_args(tmp_path, tmp_path / "m.h5ad", "--min-genes", "1", "--min-counts", "1")).returncode == 0
+    res = run_script("scinv_normalize.py", *normalize_args(tmp_path, "--min-cells-per-gene", "100000"))
     assert res.returncode == 2
     assert "removed all 120 genes; lower --min_cells_per_gene" in one_error_line(res.stderr)
-    assert not list(tmp_path.glob("q.h5ad*"))
+    assert not list(tmp_path.glob("n.h5ad*"))
 
 
 def test_train_refuses_an_unknown_heldout_batch(tmp_path, small_adata):

@@ -11,7 +11,10 @@ import pytest
 from conftest import ROOT, render_in_chromium, run_nextflow
 
 MAIN = str(ROOT / "main.nf")
-PROCESSES = ["CHECK_INPUT", "QC", "NORMALIZE", "TRAIN_INVAE", "BASELINE_HARMONY", "BASELINE_SCVI", "BASELINE_SCANVI", "EXPORT", "METRICS", "REPORT"]
+PROCESSES = ["PIPELINE_INITIALISATION:CHECK_INPUT"] + [
+    f"SCINV:{p}" for p in ("QC", "NORMALIZE", "TRAIN_INVAE", "BASELINE_HARMONY", "BASELINE_SCVI", "BASELINE_SCANVI", "EXPORT", "METRICS", "REPORT")
+]
+SAMPLES = 3  # QC runs once per sample of -profile test
 
 
 def test_pinned_nextflow_version(tmp_path):
@@ -45,16 +48,33 @@ def test_stub_run_wires_every_process(tmp_path):
     res = run_nextflow("run", MAIN, "-profile", "test", "-stub", "--outdir", str(tmp_path / "o"), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:]
     for proc in PROCESSES:
-        assert f"SCINV:{proc}" in res.stdout
+        assert proc in res.stdout
 
 
-def test_broken_samplesheet_stops_check_input_with_one_line(tmp_path):
+def test_adding_a_sample_reruns_only_that_samples_tasks_on_resume(tmp_path):
+    """Per-sample scatter: -resume after adding a row leaves the other samples' QC cached."""
+    rows = (ROOT / "assets" / "samplesheet_test.csv").read_text().splitlines()
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("\n".join(rows[:3]).replace("liao2020/", f"{ROOT}/assets/liao2020/") + "\n")
+    args = ["run", MAIN, "-profile", "test", "-stub", "--input", str(sheet), "--outdir", str(tmp_path / "o")]
+    first = run_nextflow(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert len(re.findall(r"Submitted process > SCINV:QC \(", first.stdout)) == 2
+    sheet.write_text("\n".join(rows).replace("liao2020/", f"{ROOT}/assets/liao2020/") + "\n")
+    again = run_nextflow(*args, "-resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert sorted(re.findall(r"Cached process > SCINV:QC \((\w+)\)", again.stdout)) == ["C144", "C146"]
+    assert re.findall(r"Submitted process > SCINV:QC \((\w+)\)", again.stdout) == ["C149"]
+    assert "Submitted process > SCINV:NORMALIZE" in again.stdout
+
+
+def test_missing_sample_file_stops_before_any_task_with_one_line(tmp_path):
     sheet = tmp_path / "sheet.csv"
     sheet.write_text(f"sample,path\nC149,{ROOT}/assets/liao2020/GSM4475052_C149_filtered_feature_bc_matrix.h5\nX,nowhere.h5\n")
     res = run_nextflow("run", MAIN, "--input", str(sheet), "--outdir", str(tmp_path / "o"), cwd=tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode != 0
-    assert "CHECK_INPUT" in out
+    assert "Submitted process" not in out
     errors = [line.strip() for line in out.splitlines() if line.strip().startswith("ERROR: ")]
     assert errors and "sheet.csv" in errors[0] and "nowhere.h5" in errors[0] and "fix the path column" in errors[0]
 
@@ -65,7 +85,7 @@ def test_profile_test_end_to_end_and_resume(tmp_path):
     res = run_nextflow("run", MAIN, "-profile", "test", "--outdir", str(outdir), cwd=tmp_path, timeout=1500)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     for proc in PROCESSES:
-        assert re.search(rf"Submitted process > SCINV:{proc}\b", res.stdout), proc
+        assert re.search(rf"Submitted process > {proc}\b", res.stdout), proc
 
     final = ad.read_h5ad(outdir / "export" / "scinv_integrated.h5ad")
     assert final.n_obs > 5000 and final.n_vars == 2000
@@ -104,12 +124,12 @@ def test_profile_test_end_to_end_and_resume(tmp_path):
     info = outdir / "pipeline_info"
     assert list(info.glob("execution_trace_*.txt")) and list(info.glob("execution_report_*.html")) and list(info.glob("execution_timeline_*.html"))
     versions = (info / "software_versions.yml").read_text()
-    assert all(f"SCINV:{p}" in versions for p in PROCESSES if p != "REPORT")
-    assert all(f"SCINV:{p}" in html for p in PROCESSES)  # the report lists every step's versions, its own too
+    assert all(p in versions for p in PROCESSES if p != "SCINV:REPORT")
+    assert all(p in html for p in PROCESSES)  # the report lists every step's versions, its own too
     assert json.loads((info / "params.json").read_text())["label_key"] == "celltype_derived"
     qc = pd.read_csv(outdir / "qc" / "scinv_qc_summary.csv", index_col=0)
     assert qc.loc["total", "before"] == 10706 and qc.loc["total", "kept"] == final.n_obs
 
     again = run_nextflow("run", MAIN, "-profile", "test", "--outdir", str(outdir), "-resume", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:]
-    assert len(re.findall(r"Cached process > SCINV:", again.stdout)) == len(PROCESSES)
+    assert len(re.findall(r"Cached process > ", again.stdout)) == len(PROCESSES) + SAMPLES - 1

@@ -1,7 +1,6 @@
 /*
  * scinv: QC -> normalisation/HVG -> inVAE training -> export -> metrics -> report
  */
-include { CHECK_INPUT } from '../modules/local/check_input/main'
 include { QC          } from '../modules/local/qc/main'
 include { NORMALIZE   } from '../modules/local/normalize/main'
 include { TRAIN_INVAE } from '../modules/local/train_invae/main'
@@ -12,38 +11,23 @@ include { BASELINE_HARMONY } from '../modules/local/baseline_harmony/main'
 include { BASELINE_SCVI    } from '../modules/local/baseline_scvi/main'
 include { BASELINE_SCANVI  } from '../modules/local/baseline_scanvi/main'
 
-/*
- * Files a samplesheet names, in row order, so that they are staged into the task (containers,
- * cloud). If any is missing, none are staged and CHECK_INPUT reports the missing file clearly.
- */
-def samplesheetFiles(sheet) {
-    if (!sheet.name.toLowerCase().endsWith('.csv')) return []
-    def rows
-    try { rows = sheet.splitCsv(header: true) } catch (Exception e) { return [] }
-    def files = rows.collect { row ->
-        def p = row.path?.toString()?.trim()
-        if (!p) return null
-        (p.startsWith('/') || p.contains('://')) ? file(p) : sheet.parent.resolve(p)
-    }
-    return (files && files.every { it != null && it.exists() }) ? files : []
-}
-
 workflow SCINV {
+    take:
+    ch_samples   // channel: [meta, counts], one per sample (PIPELINE_INITIALISATION)
+    annotations  // file or []: CSV joined to obs by cell_id
+    ch_versions  // channel: versions.yml of the initialisation
+
     main:
-    def input = file(params.input, checkIfExists: true)
-    def meta  = [id: params.run_name]
-    ch_versions = Channel.empty()
+    def meta = [id: params.run_name]
 
-    CHECK_INPUT(
-        Channel.of([meta, input, samplesheetFiles(input)]),
-        params.annotations ? file(params.annotations, checkIfExists: true) : []
-    )
-    ch_versions = ch_versions.mix(CHECK_INPUT.out.versions)
+    QC(ch_samples, annotations)
+    ch_versions = ch_versions.mix(QC.out.versions.first())
 
-    QC(CHECK_INPUT.out.h5ad)
-    ch_versions = ch_versions.mix(QC.out.versions)
-
-    NORMALIZE(QC.out.h5ad)
+    // gather in samplesheet order (deterministic, so -resume keeps NORMALIZE when nothing changed)
+    ch_qc = QC.out.h5ad
+        .toSortedList { a, b -> a[0].index <=> b[0].index }
+        .map { samples -> [meta, samples.collect { it[1] }] }
+    NORMALIZE(ch_qc)
     ch_versions = ch_versions.mix(NORMALIZE.out.versions)
 
     TRAIN_INVAE(NORMALIZE.out.h5ad)
@@ -89,8 +73,8 @@ workflow SCINV {
         .collectFile(name: 'params.json', storeDir: "${params.outdir}/pipeline_info")
 
     ch_report_in = EXPORT.out.h5ad
-        .join(QC.out.cells)
-        .join(QC.out.summary)
+        .join(NORMALIZE.out.cells)
+        .join(NORMALIZE.out.summary)
         .join(TRAIN_INVAE.out.model)
         .join(ch_metrics)
     REPORT(ch_report_in, ch_versions_file, ch_params)

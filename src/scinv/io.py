@@ -112,7 +112,9 @@ def write_text(text: str, path: str | os.PathLike) -> None:
 # Samplesheets
 
 
-def read_samplesheet(path: str | os.PathLike, staged_dir: str | os.PathLike | None = None, shown_as: str | None = None) -> pd.DataFrame:
+def read_samplesheet(
+    path: str | os.PathLike, staged_dir: str | os.PathLike | None = None, shown_as: str | None = None, check_files: bool = True
+) -> pd.DataFrame:
     """Read and validate a samplesheet CSV: columns `sample,path[,batch][,extra obs columns]`.
 
     Relative paths are resolved against the samplesheet's folder. With `staged_dir` (Nextflow
@@ -120,6 +122,8 @@ def read_samplesheet(path: str | os.PathLike, staged_dir: str | os.PathLike | No
     step works inside containers and on cloud executors. `shown_as` is the samplesheet's path or
     URL as the user gave it (not the staged copy): messages name it and the rows' paths as written
     relative to it. `df.attrs['shown']` maps each row's readable path to its name for messages.
+    `check_files=False` leaves paths as written and unchecked (the pipeline checks them before it
+    starts, where the files are visible: they may not be inside a container).
     """
     path = Path(path)
     shown_sheet = shown_as or str(path)
@@ -165,6 +169,9 @@ def read_samplesheet(path: str | os.PathLike, staged_dir: str | os.PathLike | No
         name = given if absolute else f"{shown_base}/{given}"
         staged = Path(staged_dir) / str(i + 1) / Path(given).name if staged_dir else None
         readable = str(staged) if staged is not None and staged.exists() else local
+        if not check_files:
+            shown[given] = name
+            continue
         if not Path(readable).exists():
             raise ScinvInputError(f"{shown_sheet}: file for sample '{sample}' not found: {name}; fix the path column")
         df.loc[df.index[i], "path"] = readable

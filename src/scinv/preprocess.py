@@ -117,7 +117,8 @@ def _load_samplesheet(path: Path, batch_key: str, staged_dir: str | None = None,
     return merged
 
 
-def _join_annotations(adata: ad.AnnData, path: Path, unknown_label: str) -> ad.AnnData:
+def _read_annotations(path: Path) -> pd.DataFrame:
+    """The annotation CSV indexed by cell_id (first row of each id), values as strings."""
     if not path.exists():
         raise ScinvInputError(f"{path}: annotation file not found; fix annotations")
     if path.is_dir():
@@ -128,7 +129,11 @@ def _join_annotations(adata: ad.AnnData, path: Path, unknown_label: str) -> ad.A
         raise ScinvInputError(f"{path}: not a readable CSV table ({first_line(err)}); annotations needs a CSV with a cell_id column") from err
     if "cell_id" not in table.columns:
         raise ScinvInputError(f"{path}: needs a 'cell_id' column matching <sample>_<barcode> cell ids")
-    table = table.drop_duplicates("cell_id").set_index("cell_id")
+    return table.drop_duplicates("cell_id").set_index("cell_id")
+
+
+def _join_annotations(adata: ad.AnnData, path: Path, unknown_label: str) -> ad.AnnData:
+    table = _read_annotations(path)
     matched = adata.obs_names.isin(table.index).sum()
     if matched == 0:
         raise ScinvInputError(f"{path}: no cell_id matches a cell (ids look like '{adata.obs_names[0]}'); fix the ids")
@@ -137,16 +142,141 @@ def _join_annotations(adata: ad.AnnData, path: Path, unknown_label: str) -> ad.A
     return adata
 
 
+# Columns CHECK_INPUT adds to the validated samplesheet (not obs columns)
+SHEET_PATH_COLUMNS = ("path", "shown_path", "keep_obs")
+
+
+def validate_input(
+    input_path: str,
+    batch_key: str = "batch",
+    obs_keys: list[str] | None = None,
+    annotations: str | None = None,
+    label_key: str | None = None,
+    unknown_label: str = "Unknown",
+    shown_as: str | None = None,
+    split_dir: str | None = None,
+    check_files: bool = True,
+) -> pd.DataFrame:
+    """CHECK_INPUT: validate --input without reading count matrices; return one row per sample.
+
+    A samplesheet is checked for its structure, the batch column (two or more batches), the
+    obs columns the run needs (`obs_keys`, from the sheet or the annotations) and the annotation
+    file. A single .h5ad is read, validated like a merged input, and split by its 'sample' column
+    (else by batch) into one .h5ad per sample under `split_dir`, so that both inputs go through
+    the same per-sample steps. Returned columns: sample, path (as written, or the split file),
+    shown_path (for messages), keep_obs (a split file carries its own obs), the batch column and
+    the sheet's other columns.
+    """
+    path = Path(input_path)
+    where = shown_as or input_path
+    keys = [batch_key, label_key, *(obs_keys or [])]
+    if path.suffix.lower() == ".h5ad":
+        with _naming(str(path), shown_as):
+            adata = _load_single_h5ad(path, batch_key)
+        if annotations:
+            adata = _join_annotations(adata, Path(annotations), unknown_label)
+        check_obs_keys(adata, keys, where)
+        prepare_covariates(adata, batch_key, label_key, unknown_label, where)
+        _require_two_batches(adata.obs[batch_key], batch_key, where)
+        return _split_by_sample(adata, Path(split_dir or "."), batch_key)
+    if not (path.suffix.lower() in (".csv", ".tsv", ".txt") or not path.suffix):
+        raise ScinvInputError(f"{where}: input must be a samplesheet .csv or an .h5ad file")
+    sheet = read_samplesheet(path, shown_as=shown_as, check_files=check_files)
+    if batch_key not in sheet.columns:
+        raise ScinvInputError(f"{where}: batch_key '{batch_key}' is not a samplesheet column (columns: {list(sheet.columns)}); add it or change --batch_key")
+    columns = [c for c in sheet.columns if c not in SHEET_PATH_COLUMNS]
+    if annotations:
+        columns += [c for c in _annotation_columns(Path(annotations), sheet["sample"]) if c not in columns]
+    for key in keys:
+        if key and key not in columns:
+            raise ScinvInputError(f"{where}: obs column '{key}' not found (available: {columns}); fix the parameter or samplesheet")
+    sheet[batch_key] = _batch_values(sheet[batch_key], batch_key, where).to_numpy()
+    _require_two_batches(sheet[batch_key], batch_key, where)
+    sheet.insert(2, "shown_path", [sheet.attrs["shown"][p] for p in sheet["path"]])
+    sheet.insert(3, "keep_obs", False)
+    return sheet
+
+
+def _require_two_batches(batches: pd.Series, batch_key: str, where: str) -> None:
+    if batches.nunique() < 2:  # refused here, in seconds, rather than by METRICS/baselines after training
+        raise ScinvInputError(
+            f"{where}: only one batch in column '{batch_key}'; integration needs two or more. "
+            "Set --batch_key to a column with several values, or add samples from other batches"
+        )
+
+
+def _split_by_sample(adata: ad.AnnData, folder: Path, batch_key: str) -> pd.DataFrame:
+    """One .h5ad per value of obs['sample'] (raw counts in X, obs kept) under `folder`; their rows."""
+    from .io import write_h5ad
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    samples = adata.obs["sample"].astype(str)
+    for i, name in enumerate(pd.unique(samples)):
+        part = adata[(samples == name).to_numpy()].copy()
+        part.layers.clear()
+        file = folder / f"sample_{i + 1:05d}.h5ad"  # sample names need not be valid file names
+        write_h5ad(part, file)
+        rows.append({"sample": name, "path": file.name, "shown_path": file.name, "keep_obs": True, batch_key: str(part.obs[batch_key].iloc[0])})
+    return pd.DataFrame(rows)
+
+
+def _annotation_columns(path: Path, samples: pd.Series) -> list[str]:
+    """Validate an annotation CSV against the samples' cell-id prefixes; its columns other than cell_id."""
+    table = _read_annotations(path)
+    prefixes = tuple(f"{s}_" for s in samples)
+    if not table.index.str.startswith(prefixes).any():
+        raise ScinvInputError(f"{path}: no cell_id starts with a sample name and '_' (ids look like '{table.index[0]}'); cell ids are <sample>_<barcode>")
+    return list(table.columns)
+
+
+def load_sample(
+    counts_path: str,
+    row: dict,
+    batch_key: str = "batch",
+    label_key: str | None = None,
+    annotations: str | None = None,
+    unknown_label: str = "Unknown",
+) -> ad.AnnData:
+    """QC's input: one sample's counts with obs from its samplesheet `row` (see :func:`validate_input`).
+
+    Cell ids become `<sample>_<barcode>` and the annotations join on them; a split .h5ad
+    (row['keep_obs']) already carries both. Raw counts in X and layers['counts'].
+    """
+    shown = row.get("shown_path") or counts_path
+    with _naming(str(counts_path), shown):
+        adata = read_counts(counts_path)
+        check_counts(adata.X, str(counts_path))
+    if str(row.get("keep_obs", "")).lower() != "true":
+        adata.obs_names = [f"{row['sample']}_{bc}" for bc in adata.obs_names]
+        adata.obs = pd.DataFrame(index=adata.obs_names)
+        for col, value in row.items():
+            if col not in SHEET_PATH_COLUMNS:
+                adata.obs[col] = pd.Categorical([str(value)] * adata.n_obs)
+        _make_names_unique(adata, shown)
+        if annotations:
+            table = _read_annotations(Path(annotations))
+            for col in table.columns:
+                adata.obs[col] = pd.Categorical(table[col].reindex(adata.obs_names).fillna(unknown_label).to_numpy())
+    prepare_covariates(adata, batch_key, label_key, unknown_label, shown)
+    adata.layers["counts"] = adata.X
+    return adata
+
+
 def prepare_covariates(adata: ad.AnnData, batch_key: str, label_key: str | None, unknown_label: str, where: str) -> None:
     """Batch and label columns as string categories (numeric ids keep the names users typed, 1.0 -> '1');
     every unlabelled spelling becomes `unknown_label` (see :mod:`scinv.labels`). Missing batches are refused."""
-    batches = as_strings(adata.obs[batch_key])
+    adata.obs[batch_key] = pd.Categorical(_batch_values(adata.obs[batch_key], batch_key, where).to_numpy())
+    if label_key:
+        adata.obs[label_key] = normalize_labels(adata.obs[label_key], unknown_label)
+
+
+def _batch_values(values: pd.Series, batch_key: str, where: str) -> pd.Series:
+    batches = as_strings(values)
     if batches.isna().any() or (batches.str.strip() == "").any():
         n = int((batches.isna() | (batches.fillna("").str.strip() == "")).sum())
         raise ScinvInputError(f"{where}: {n} cells have no value in batch column '{batch_key}'; fill it in for every cell or set batch_key")
-    adata.obs[batch_key] = pd.Categorical(batches.str.strip().to_numpy())
-    if label_key:
-        adata.obs[label_key] = normalize_labels(adata.obs[label_key], unknown_label)
+    return batches.str.strip()
 
 
 def check_obs_keys(adata: ad.AnnData, keys: list[str], where: str) -> None:
@@ -232,15 +362,16 @@ def _mad_outliers(values: np.ndarray, groups: np.ndarray, n_mads: float) -> np.n
     return out
 
 
-def run_qc(adata: ad.AnnData, thr: QCThresholds, batch_key: str = "batch", seed: int = 0) -> tuple[ad.AnnData, pd.DataFrame]:
-    """Flag and remove low-quality cells and doublets; return (filtered AnnData, per-sample table).
+def flag_cells(adata: ad.AnnData, thr: QCThresholds, seed: int = 0, group_key: str = "sample") -> None:
+    """QC metrics and a verdict per cell in obs: 'qc_reason' is 'kept' or the first failing reason.
 
-    Reasons are assigned in order (first failing reason counts): low_genes, low_counts,
-    high_counts, high_mito, mad_outlier, doublet. Thresholds can be overridden per sample by obs
-    columns named min_genes, min_counts, max_counts, max_pct_mito (from the samplesheet).
+    Reasons, in order: low_genes, low_counts, high_counts, high_mito, mad_outlier, doublet.
+    Thresholds can be overridden per sample by obs columns named min_genes, min_counts,
+    max_counts, max_pct_mito (from the samplesheet). MAD outliers and scrublet are computed per
+    `group_key` group (one sample: doublets form within one capture). Counts in layers['counts'].
     """
     if "sample" not in adata.obs.columns:  # .h5ad inputs written outside CHECK_INPUT
-        adata.obs["sample"] = adata.obs[batch_key].astype(str) if batch_key in adata.obs.columns else "all"
+        adata.obs["sample"] = "all"
     qc_metrics(adata)
     thr = resolve_cell_thresholds(thr, adata.n_vars)
     reason = np.full(adata.n_obs, "", dtype=object)
@@ -253,19 +384,29 @@ def run_qc(adata: ad.AnnData, thr: QCThresholds, batch_key: str = "batch", seed:
     max_counts = _per_sample_threshold(adata, "max_counts", thr.max_counts)
     flag(np.isfinite(max_counts) & (adata.obs["total_counts"].to_numpy() > max_counts), "high_counts")
     flag(adata.obs["pct_counts_mt"].to_numpy() > _per_sample_threshold(adata, "max_pct_mito", thr.max_pct_mito), "high_mito")
+    groups = adata.obs[group_key].astype(str).to_numpy() if group_key in adata.obs else np.zeros(adata.n_obs, str)
     if thr.mad_threshold:
-        samples = adata.obs["sample"].astype(str).to_numpy()
-        mad = np.zeros(adata.n_obs, dtype=bool)
-        mad |= _mad_outliers(np.log1p(adata.obs["total_counts"].to_numpy()), samples, thr.mad_threshold)
-        mad |= _mad_outliers(np.log1p(adata.obs["n_genes_by_counts"].to_numpy()), samples, thr.mad_threshold)
+        mad = _mad_outliers(np.log1p(adata.obs["total_counts"].to_numpy()), groups, thr.mad_threshold)
+        mad |= _mad_outliers(np.log1p(adata.obs["n_genes_by_counts"].to_numpy()), groups, thr.mad_threshold)
         flag(mad, "mad_outlier")
     adata.obs["doublet_score"] = np.nan
     if thr.doublets:
-        flag(_scrublet(adata, reason == "", batch_key, seed), "doublet")
+        flag(_scrublet(adata, reason == "", groups, seed), "doublet")
     adata.obs["qc_reason"] = pd.Categorical(np.where(reason == "", "kept", reason))
-    table = qc_table(adata.obs)
-    kept = adata[reason == ""].copy()
-    if kept.n_obs == 0:
+
+
+def qc_sample(adata: ad.AnnData, thr: QCThresholds, seed: int = 0) -> None:
+    """QC step of the pipeline, on one sample: :func:`flag_cells`, and var['n_cells_kept'] (cells
+    passing QC that detect each gene) from which NORMALIZE filters genes over all samples."""
+    flag_cells(adata, thr, seed)
+    kept = np.flatnonzero(adata.obs["qc_reason"].astype(str).to_numpy() == "kept")
+    adata.var["n_cells_kept"] = genes_detected(adata.layers["counts"][kept])
+
+
+def check_kept_cells(obs: pd.DataFrame, batch_key: str, table: pd.DataFrame) -> None:
+    """Stop when QC kept no cell or one batch only; warn about samples left without cells."""
+    kept = obs["qc_reason"].astype(str).to_numpy() == "kept"
+    if not kept.any():
         raise ScinvInputError("QC removed every cell; relax min_genes/min_counts/max_pct_mito (see the QC table)")
     empty = [s for s, n in table["kept"].items() if n == 0 and s != "total"]
     if empty:  # one failed sample should not stop an atlas; the QC table and report show it
@@ -274,33 +415,45 @@ def run_qc(adata: ad.AnnData, thr: QCThresholds, batch_key: str = "batch", seed:
             "(relax their thresholds with per-sample columns min_genes, min_counts, max_pct_mito)",
             empty,
         )
-    if batch_key in kept.obs and kept.obs[batch_key].nunique() < 2 <= adata.obs[batch_key].nunique():
+    if batch_key in obs and obs.loc[kept, batch_key].nunique() < 2 <= obs[batch_key].nunique():
         raise ScinvInputError(
-            f"QC left cells in only one batch ({kept.obs[batch_key].iloc[0]}); integration needs two or more. "
+            f"QC left cells in only one batch ({obs.loc[kept, batch_key].iloc[0]}); integration needs two or more. "
             "Relax the failing samples' thresholds with per-sample columns (min_genes, min_counts, max_pct_mito)"
         )
-    n_genes_before = kept.n_vars
-    import scanpy as sc
 
-    gene_ok = sc.pp.filter_genes(kept.layers["counts"], min_cells=thr.min_cells_per_gene, inplace=False)[0]
+
+def run_qc(adata: ad.AnnData, thr: QCThresholds, batch_key: str = "batch", seed: int = 0) -> tuple[ad.AnnData, pd.DataFrame]:
+    """In memory: :func:`flag_cells` per sample, then keep passing cells and genes detected in
+    `thr.min_cells_per_gene` cells; return (filtered AnnData, per-sample table). The pipeline does
+    the same per sample (QC) and across samples (NORMALIZE, :mod:`scinv.gather`)."""
+    flag_cells(adata, thr, seed)
+    table = qc_table(adata.obs)
+    check_kept_cells(adata.obs, batch_key, table)
+    kept = adata[adata.obs["qc_reason"].astype(str).to_numpy() == "kept"].copy()
+    gene_ok = genes_detected(kept.layers["counts"]) >= thr.min_cells_per_gene
     kept = kept[:, gene_ok].copy()
     if kept.n_vars == 0:
-        raise ScinvInputError(f"QC removed all {n_genes_before} genes; lower min_cells_per_gene")
+        raise ScinvInputError(f"QC removed all {len(gene_ok)} genes; lower min_cells_per_gene")
     kept.X = kept.layers["counts"].copy()
     return kept, table
 
 
-def _scrublet(adata: ad.AnnData, candidates: np.ndarray, batch_key: str, seed: int) -> np.ndarray:
-    """Scrublet per batch on raw counts of cells that passed the other filters; returns a doublet mask."""
+def genes_detected(X) -> np.ndarray:
+    """(n_genes,) number of cells in which each gene has a non-zero count."""
+    X = sp.csr_matrix(X)
+    return np.bincount(X.indices[X.data != 0], minlength=X.shape[1])
+
+
+def _scrublet(adata: ad.AnnData, candidates: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
+    """Scrublet per group (sample) on raw counts of cells that passed the other filters; returns a doublet mask."""
     import scanpy as sc
 
     doublet = np.zeros(adata.n_obs, dtype=bool)
     scores = np.full(adata.n_obs, np.nan)
-    batches = adata.obs[batch_key].astype(str).to_numpy() if batch_key in adata.obs else np.zeros(adata.n_obs, str)
-    for b in np.unique(batches):
-        idx = np.flatnonzero(candidates & (batches == b))
+    for b in np.unique(groups):
+        idx = np.flatnonzero(candidates & (groups == b))
         if len(idx) < 100:
-            log.warning("batch %s: %d cells, too few for doublet detection; skipped", b, len(idx))
+            log.warning("sample %s: %d cells, too few for doublet detection; skipped", b, len(idx))
             continue
         sub = ad.AnnData(adata.layers["counts"][idx].copy())
         sc.pp.scrublet(sub, use_approx_neighbors=False, random_state=seed, verbose=False)

@@ -1,28 +1,41 @@
+/*
+ * Gather: the samples' kept cells and genes merged on disk, batch-aware HVGs by map-reduce,
+ * normalize_total + log1p, PCA; one sample (or batch) in memory at a time (scinv.gather).
+ */
 process NORMALIZE {
     tag "$meta.id"
     label 'process_medium'
 
     input:
-    tuple val(meta), path(h5ad)
+    tuple val(meta), path(samples, stageAs: 'samples/*')
 
     output:
-    tuple val(meta), path("${meta.id}_normalized.h5ad"), emit: h5ad
-    path "versions.yml"                                , emit: versions
+    tuple val(meta), path("${prefix}_normalized.h5ad")  , emit: h5ad
+    tuple val(meta), path("${prefix}_qc_summary.csv")   , emit: summary
+    tuple val(meta), path("${prefix}_qc_cells.parquet") , emit: cells
+    path "versions.yml"                                 , emit: versions
+
+    when:
+    task.ext.when == null || task.ext.when
 
     script:
     def args = task.ext.args ?: ''
+    prefix   = task.ext.prefix ?: "${meta.id}"
     """
     scinv_normalize.py \\
-        --input ${h5ad} \\
-        --output ${meta.id}_normalized.h5ad \\
-        ${args}
+        --output ${prefix}_normalized.h5ad \\
+        --summary ${prefix}_qc_summary.csv \\
+        --cells ${prefix}_qc_cells.parquet \\
+        ${args} \\
+        ${samples}
 
     scinv_versions.py "${task.process}" scanpy anndata scikit-misc > versions.yml
     """
 
     stub:
+    prefix = task.ext.prefix ?: "${meta.id}"
     """
-    touch ${meta.id}_normalized.h5ad
+    touch ${prefix}_normalized.h5ad ${prefix}_qc_summary.csv ${prefix}_qc_cells.parquet
     printf '"%s":\\n    scinv: stub\\n' "${task.process}" > versions.yml
     """
 }

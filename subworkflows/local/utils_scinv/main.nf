@@ -5,6 +5,69 @@
  */
 import groovy.json.JsonSlurper
 
+include { CHECK_INPUT } from '../../../modules/local/check_input/main'
+
+/*
+ * Validate the parameters, check that the samplesheet's files exist, and parse --input once into
+ * a channel of [meta, counts], one per sample (CHECK_INPUT validates the sheet, or splits a single
+ * .h5ad by sample). meta: id (sample), index (row), prefix (file-safe id), row (its samplesheet
+ * values: obs columns and per-sample thresholds).
+ */
+workflow PIPELINE_INITIALISATION {
+    take:
+    input        // string: --input, a samplesheet CSV or an .h5ad
+    annotations  // string or null: --annotations
+
+    main:
+    validateParameters("${projectDir}/nextflow_schema.json")
+    logLocalCaps()
+    def sheet = file(input, checkIfExists: true)
+    checkSampleFiles(sheet)
+    def ann = annotations ? file(annotations, checkIfExists: true) : []
+    CHECK_INPUT(Channel.of([[id: params.run_name], sheet]), ann)
+    ch_samples = CHECK_INPUT.out.samplesheet.flatMap { meta, valid -> samplesFrom(valid, sheet) }
+
+    emit:
+    samples     = ch_samples                 // channel: [meta, counts]
+    annotations = ann                        // file or []
+    versions    = CHECK_INPUT.out.versions   // channel: versions.yml
+}
+
+/*
+ * A sample's counts as Nextflow should stage them: paths relative to the samplesheet's folder;
+ * a 10x matrix.mtx(.gz) brings its folder (features and barcodes live beside it).
+ */
+def samplePath(sheet, String given) {
+    def f = (given.startsWith('/') || given.contains('://')) ? file(given) : sheet.parent.resolve(given)
+    return (f.name.endsWith('.mtx') || f.name.endsWith('.mtx.gz')) ? f.parent : f
+}
+
+/*
+ * Stop before any task runs when a samplesheet row names a file that does not exist: one line
+ * naming the sheet, the sample and the file. A sheet that does not parse is left to CHECK_INPUT.
+ */
+def checkSampleFiles(sheet) {
+    if (!sheet.name.toLowerCase().endsWith('.csv')) return
+    def rows
+    try { rows = sheet.splitCsv(header: true) } catch (Exception e) { return }
+    rows.each { row ->
+        def given = row.path?.toString()?.trim()
+        if (!given || !row.sample) return
+        def f = samplePath(sheet, given)
+        if (!f.exists()) error("ERROR: ${sheet}: file for sample '${row.sample.trim()}' not found: ${f}; fix the path column")
+    }
+}
+
+def samplesFrom(valid, sheet) {
+    def rows = valid.splitCsv(header: true)
+    def safe = rows.collect { it.sample.replaceAll(/[^A-Za-z0-9._-]/, '_') }
+    rows.withIndex().collect { row, i ->
+        def counts = row.keep_obs == 'True' ? valid.parent.resolve('samples').resolve(row.path) : samplePath(sheet, row.path)
+        def prefix = safe.count(safe[i]) > 1 ? "${safe[i]}_${i + 1}" : safe[i]
+        [[id: row.sample, index: i, prefix: prefix, row: row.findAll { k, v -> k != 'path' }], counts]
+    }
+}
+
 def schemaProperties(String schemaPath) {
     def schema = new JsonSlurper().parse(new File(schemaPath))
     def props = [:]
