@@ -1,21 +1,14 @@
 #!/usr/bin/env python3
 """EXPORT: latents, predicted labels and UMAPs into the final .h5ad, plus a parquet sidecar."""
 
-import anndata as ad
 import click
 import numpy as np
 import pandas as pd
-import scanpy as sc
 
 from scinv.cli import step
-from scinv.io import read_h5ad, write_h5ad, write_table
+from scinv.export import UMAP_MAX_CELLS, umap, write_annotated_copy
+from scinv.io import read_h5ad, write_table
 from scinv.model import InVAE
-
-
-def umap(adata, rep: str, key: str, seed: int) -> None:
-    sc.pp.neighbors(adata, use_rep=rep, n_neighbors=15, random_state=seed, key_added=f"nn_{key}")
-    sc.tl.umap(adata, neighbors_key=f"nn_{key}", random_state=seed)
-    adata.obsm[f"X_umap_{key}"] = adata.obsm.pop("X_umap")
 
 
 @click.command(context_settings={"show_default": True})
@@ -27,11 +20,17 @@ def umap(adata, rep: str, key: str, seed: int) -> None:
 @click.option("--embeddings", required=True, type=click.Path(), help="Parquet sidecar: embeddings and predictions keyed by cell_id.")
 @click.option("--umap/--no-umap", "with_umap", default=True, help="Compute UMAPs of the invariant, spurious and PCA embeddings.")
 @click.option("--cellxgene", default=None, type=click.Path(), help="Also write a cellxgene-ready copy (log-normalised X, X_umap) here.")
+@click.option(
+    "--umap-max-cells",
+    default=UMAP_MAX_CELLS,
+    type=int,
+    help="Fit UMAPs on a random subsample of this many cells and place the others by their nearest fitted cells (0: all cells).",
+)
 @click.option("--seed", default=0, type=int, help="Random seed for UMAP.")
 @step
-def main(input_path, model_dir, output, embeddings, with_umap, cellxgene, seed):
+def main(input_path, model_dir, output, embeddings, with_umap, cellxgene, umap_max_cells, seed):
     """Export embeddings and predictions."""
-    adata = read_h5ad(input_path)
+    adata = read_h5ad(input_path, backed="r")  # X stays on disk; the model reads layers['counts']
     model = InVAE.load(model_dir, device="auto")
     full = model.get_latent_representation(adata, "full")  # one pass; split into the two blocks
     n_inv = model.hparams["n_latent_inv"]
@@ -50,17 +49,15 @@ def main(input_path, model_dir, output, embeddings, with_umap, cellxgene, seed):
         table["scinv_prediction"] = labels
         table["scinv_prediction_probability"] = adata.obs["scinv_prediction_probability"].to_numpy()
     if with_umap:
-        umap(adata, "X_scinv_inv", "scinv_inv", seed)
-        umap(adata, "X_scinv_spur", "scinv_spur", seed)
-        if "X_pca" in adata.obsm:
-            umap(adata, "X_pca", "pca", seed)
+        for rep, key in (("X_scinv_inv", "scinv_inv"), ("X_scinv_spur", "scinv_spur"), ("X_pca", "pca")):
+            if rep in adata.obsm:
+                umap(adata, rep, key, seed, umap_max_cells)
         adata.obsm["X_umap"] = adata.obsm["X_umap_scinv_inv"]
     table.index.name = "cell_id"
     write_table(table, embeddings)
-    write_h5ad(adata, output)
-    if cellxgene:
-        cx = ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var[[]], obsm={k: v for k, v in adata.obsm.items() if k.startswith("X_")})
-        write_h5ad(cx, cellxgene)
+    write_annotated_copy(input_path, output, adata)
+    if cellxgene:  # log-normalised X only, for cellxgene
+        write_annotated_copy(input_path, cellxgene, adata, cellxgene=True)
     click.echo(f"EXPORT: wrote {output} ({adata.n_obs} cells)", err=True)
 
 

@@ -42,7 +42,7 @@ def main(
     seed,
 ):
     """Score integration with scib-metrics (and label transfer to held-out batches)."""
-    adata = read_h5ad(input_path)
+    adata = read_h5ad(input_path, matrices=False)  # embeddings and obs only
     if not label_key:
         raise ScinvInputError("METRICS needs --label_key (bio-conservation metrics compare against labels)")
     heldout = key_list(heldout_batches)

@@ -47,7 +47,7 @@ def main(
     title,
 ):
     """Build the HTML report."""
-    adata = read_h5ad(input_path)
+    adata = read_h5ad(input_path, matrices=False)  # embeddings and obs only
     exists = lambda p: p and Path(p).exists()  # noqa: E731
     qc_obs = pd.read_parquet(qc_cells) if exists(qc_cells) else None
     summary = pd.read_csv(qc_summary, index_col=0) if exists(qc_summary) else None

@@ -53,7 +53,7 @@ def main(
 
     if threads > 0:
         torch.set_num_threads(threads)
-    adata = read_h5ad(input_path)
+    adata = read_h5ad(input_path, backed="r")  # X stays on disk; training reads layers['counts']
     if key_list(heldout_batches):
         if not label_key:
             raise ScinvInputError("--heldout-batches needs --label-key (whose labels to hide)")

@@ -63,3 +63,13 @@ def test_weight_decay_reaches_the_optimiser(small_adata):
     assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.5
     text = (ROOT / "conf" / "modules.config").read_text()
     assert "opt('--weight-decay', params.weight_decay)" in text and "--weight-decay" in {o.opts[0] for o in train_cli_options().values()}
+
+
+def test_default_epochs_scale_with_the_number_of_cells(small_adata):
+    """Unset max_epochs: 200 up to 40k cells, then round(8e6 / cells), as scvi-tools scales its default."""
+    from scinv.training import Trainer, default_max_epochs
+
+    assert [default_max_epochs(n) for n in (600, 40_000, 100_000, 1_000_000, 10**8)] == [200, 200, 80, 8, 1]
+    model = InVAE(small_adata, layer="counts", batch_key="batch", label_key="cell_type")
+    assert Trainer(model.module, model._data, TrainingConfig(), model.device).config.max_epochs == 200
+    assert Trainer(model.module, model._data, TrainingConfig(max_epochs=7), model.device).config.max_epochs == 7

@@ -203,11 +203,15 @@ def test_qc_mad_threshold_removes_outliers_of_their_own_sample(tmp_path, data):
     adata.X = sp.csr_matrix(np.round(adata.X.toarray() * factor[:, None]).astype(np.float32))
     adata.layers["counts"] = adata.X.copy()
     write_h5ad(adata, tmp_path / "m.h5ad")
-    out = {n: str(tmp_path / n) for n in ("q.h5ad", "s.csv", "c.parquet")}
+    out = {n: str(tmp_path / n) for n in ("q.h5ad", "n.h5ad", "s.csv", "c.parquet")}
     res = run_script(
         "scinv_qc.py",
-        *("--input", str(tmp_path / "m.h5ad"), "--output", out["q.h5ad"], "--summary", out["s.csv"], "--cells", out["c.parquet"]),
+        *("--input", str(tmp_path / "m.h5ad"), "--output", out["q.h5ad"]),
         *("--no-doublets", "--min-genes", "1", "--min-counts", "1", "--mad-threshold", "5"),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_script(
+        "scinv_normalize.py", out["q.h5ad"], "--output", out["n.h5ad"], "--summary", out["s.csv"], "--cells", out["c.parquet"], "--n-top-genes", "50"
     )
     assert res.returncode == 0, res.stderr[-2000:]
     cells = pd.read_parquet(out["c.parquet"])
@@ -215,7 +219,7 @@ def test_qc_mad_threshold_removes_outliers_of_their_own_sample(tmp_path, data):
     flagged = cells.index[cells["qc_reason"] == "mad_outlier"]
     assert sorted(flagged) == sorted(adata.obs_names[outliers])
     assert set(cells["qc_reason"].drop(flagged)) == {"kept"}  # the deep sample is judged against its own median
-    kept = ad.read_h5ad(out["q.h5ad"])
+    kept = ad.read_h5ad(out["n.h5ad"])
     assert kept.n_obs == N_CELLS - len(outliers) and not set(flagged) & set(kept.obs_names)
     table = pd.read_csv(out["s.csv"], index_col=0)
     assert table.loc["b0", "mad_outlier"] == 2 and table.loc["b1", "mad_outlier"] == 2 and table.loc["total", "mad_outlier"] == 4

@@ -81,7 +81,12 @@ class ModelConfig:
 class TrainingConfig:
     """Optimisation of the VAE (:meth:`scinv.model.InVAE.train`)."""
 
-    max_epochs: int = option(200, "Maximum training epochs.", pipeline=True, minimum=1)
+    max_epochs: int | None = option(
+        None,
+        "Maximum training epochs (default: 200, scaled down above 40,000 cells to round(8e6 / cells), as scvi-tools scales its own).",
+        pipeline=True,
+        minimum=1,
+    )
     batch_size: int = option(256, "Minibatch size.", pipeline=True, minimum=2)
     lr: float = option(1e-3, "Learning rate (AdamW).", pipeline=True, exclusiveMinimum=0)
     weight_decay: float = option(1e-4, "AdamW weight decay.", pipeline=True, minimum=0)

@@ -78,12 +78,22 @@ def _write_unnamed_then_link(directory: Path, name: Path, data) -> bool:
         os.close(fd)
 
 
-def read_h5ad(path: str | os.PathLike, **kwargs) -> ad.AnnData:
-    """anndata.read_h5ad, with a damaged or foreign file reported as one ScinvInputError line."""
+def read_h5ad(path: str | os.PathLike, matrices: bool = True, **kwargs) -> ad.AnnData:
+    """anndata.read_h5ad, with a damaged or foreign file reported as one ScinvInputError line.
+
+    `matrices=False` reads obs, var, obsm and uns only (no X, layers or graphs): what metrics and
+    the report need, in memory that does not grow with the number of genes.
+    """
     path = Path(path)
     if not h5py.is_hdf5(path):
         raise ScinvInputError(f"{path}: not a valid .h5ad (not HDF5: truncated or another format); rerun the step that wrote it")
     try:
+        if not matrices:
+            from anndata.io import read_elem
+
+            with h5py.File(path, "r") as f:
+                parts = {key: read_elem(f[key]) for key in ("obs", "var", "obsm", "uns") if key in f}
+            return ad.AnnData(**parts)
         return ad.read_h5ad(path, **kwargs)
     except Exception as err:  # h5py/anndata raise many types for damaged files
         raise ScinvInputError(f"{path}: cannot read this .h5ad ({first_line(err)}); rerun the step that wrote it") from err

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -114,7 +115,8 @@ class InVAE:
         if self._data is not None:
             from .io import check_counts
 
-            check_counts(self._data.X if not getattr(adata, "isbacked", False) else adata.X[: min(adata.n_obs, 2000)], _where)
+            X = self._data.X  # in memory, or a backed dataset: check its first rows
+            check_counts(X if sp.issparse(X) else X[: min(adata.n_obs, 2000)], _where)
         self.module = self._build_module(self._label_frequencies())
         self.predictor: InvariantClassifier | None = None
         self.history: list[dict] = []
@@ -198,7 +200,7 @@ class InVAE:
         done = len(self.history) if continuing else 0
         new = [{**record, "epoch": record["epoch"] + done} for record in trainer.fit(config.checkpoint_dir, resume)]
         self.history = (self.history if continuing else []) + new
-        self.train_config = asdict(config)
+        self.train_config = asdict(trainer.config)  # max_epochs as resolved
         return self.history
 
     # -- inference ------------------------------------------------------------------------------------

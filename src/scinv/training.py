@@ -3,6 +3,7 @@ progress with ETA, bf16 mixed precision (GPU, and CPUs with native bf16), and re
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -169,12 +170,24 @@ class EarlyStopping:
         return bool(self.patience) and self.bad >= self.patience
 
 
+DEFAULT_MAX_EPOCHS = 200
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """200 epochs, fewer for large data so that training sees about 8 million cells (scvi-tools'
+    rule, min(round(20000 / n_cells * 400), 400), with scinv's cap of 200): 80 at 100k, 8 at 1M."""
+    return int(max(1, min(DEFAULT_MAX_EPOCHS, round(8e6 / max(n_cells, 1)))))
+
+
 class Trainer:
     """Fits an :class:`InVAEModule` on :class:`EncodedData`. History is a list of per-epoch dicts."""
 
     def __init__(self, module: InVAEModule, data: EncodedData, config: TrainingConfig, device: torch.device, frozen=(), parameters=None):
         """`frozen`: submodules kept in eval mode (batch-norm statistics untouched); `parameters`:
         what the optimiser updates (default: every parameter of `module`)."""
+        if config.max_epochs is None:
+            config = dataclasses.replace(config, max_epochs=default_max_epochs(data.n_cells))
+            progress(f"max_epochs not set: {config.max_epochs} for {data.n_cells:,} cells (scinv.training.default_max_epochs)")
         self.module, self.data, self.config, self.device = module.to(device), data, config, device
         self.frozen = list(frozen)
         self.train_idx, self.val_idx = split_train_validation(data.n_cells, config.validation_fraction, config.seed)

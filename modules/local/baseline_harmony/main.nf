@@ -9,6 +9,9 @@ process BASELINE_HARMONY {
     tuple val(meta), path("${meta.id}_harmony.parquet"), emit: embedding
     path "versions.yml"                                , emit: versions
 
+    when:
+    task.ext.when == null || task.ext.when
+
     script:
     def args = task.ext.args ?: ''
     """

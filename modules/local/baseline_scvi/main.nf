@@ -9,6 +9,9 @@ process BASELINE_SCVI {
     tuple val(meta), path("${meta.id}_scvi.parquet"), emit: embedding
     path "versions.yml"                             , emit: versions
 
+    when:
+    task.ext.when == null || task.ext.when
+
     script:
     def args = task.ext.args ?: ''
     def device = task.ext.use_gpu ? 'gpu' : 'auto'

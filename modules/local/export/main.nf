@@ -11,16 +11,17 @@ process EXPORT {
     tuple val(meta), path("${meta.id}_cellxgene.h5ad")        , emit: cellxgene, optional: true
     path "versions.yml"                                       , emit: versions
 
+    when:
+    task.ext.when == null || task.ext.when
+
     script:
     def args = task.ext.args ?: ''
-    def cxg = params.cellxgene ? "--cellxgene ${meta.id}_cellxgene.h5ad" : ''
     """
     scinv_export.py \\
         --input ${h5ad} \\
         --model-dir ${model} \\
         --output ${meta.id}_integrated.h5ad \\
         --embeddings ${meta.id}_embeddings.parquet \\
-        ${cxg} \\
         ${args}
 
     scinv_versions.py "${task.process}" torch scanpy umap-learn pyarrow > versions.yml

@@ -9,10 +9,12 @@ process METRICS {
     tuple val(meta), path("${meta.id}_{metrics,label_transfer}.csv"), emit: csv
     path "versions.yml"                                            , emit: versions
 
+    when:
+    task.ext.when == null || task.ext.when
+
     script:
     def args = task.ext.args ?: ''
     def baselines = baseline_embeddings ? "--baseline-embeddings ${(baseline_embeddings instanceof List ? baseline_embeddings : [baseline_embeddings]).join(',')}" : ''
-    def transfer = params.heldout_batches ? "--label-transfer ${meta.id}_label_transfer.csv" : ''
     """
     export NUMBA_CACHE_DIR=\$PWD/.numba_cache MPLCONFIGDIR=\$PWD/.mpl
     scinv_metrics.py \\
@@ -20,7 +22,6 @@ process METRICS {
         --output ${meta.id}_metrics.csv \\
         --n-jobs ${task.cpus} \\
         ${baselines} \\
-        ${transfer} \\
         ${args}
 
     scinv_versions.py "${task.process}" scib-metrics jax pynndescent scikit-learn > versions.yml

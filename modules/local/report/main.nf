@@ -11,6 +11,9 @@ process REPORT {
     tuple val(meta), path("${meta.id}_report.html"), emit: html
     path "versions.yml"                            , emit: versions
 
+    when:
+    task.ext.when == null || task.ext.when
+
     script:
     def args = task.ext.args ?: ''
     def tables = metrics instanceof List ? metrics : (metrics ? [metrics] : [])

@@ -10,6 +10,9 @@ process TRAIN_INVAE {
     tuple val(meta), path("${meta.id}_training_history.csv"), emit: history
     path "versions.yml"                                    , emit: versions
 
+    when:
+    task.ext.when == null || task.ext.when
+
     script:
     def args = task.ext.args ?: ''
     def device = task.ext.use_gpu ? 'cuda' : 'auto'
