@@ -21,7 +21,7 @@ workflow SCINV {
     def meta = [id: params.run_name]
 
     QC(ch_samples, annotations)
-    ch_versions = ch_versions.mix(QC.out.versions.first())
+    ch_versions = ch_versions.mix(QC.out.versions)
 
     // gather in samplesheet order (deterministic, so -resume keeps NORMALIZE when nothing changed)
     ch_qc = QC.out.h5ad
@@ -66,9 +66,11 @@ workflow SCINV {
         ch_metrics = EXPORT.out.h5ad.map { m, h5ad -> [m, []] }
     }
 
+    // by content, sorted: the same file on every run (-resume keeps REPORT), whichever QC task came first
     ch_versions_file = ch_versions
+        .map { it.text.trim() }
         .unique()
-        .collectFile(name: 'software_versions.yml', storeDir: "${params.outdir}/pipeline_info", sort: true)
+        .collectFile(name: 'software_versions.yml', storeDir: "${params.outdir}/pipeline_info", sort: true, newLine: true)
     ch_params = Channel.of(groovy.json.JsonOutput.prettyPrint(groovy.json.JsonOutput.toJson(params.findAll { k, v -> !(k in ['help']) })))
         .collectFile(name: 'params.json', storeDir: "${params.outdir}/pipeline_info")
 
