@@ -7,7 +7,7 @@ import pandas as pd
 
 from scinv.cli import step
 from scinv.export import UMAP_MAX_CELLS, umap, write_annotated_copy
-from scinv.io import read_h5ad, write_table
+from scinv.io import read_counts_for_model, read_h5ad, write_table
 from scinv.model import InVAE
 
 
@@ -30,8 +30,9 @@ from scinv.model import InVAE
 @step
 def main(input_path, model_dir, output, embeddings, with_umap, cellxgene, umap_max_cells, seed):
     """Export embeddings and predictions."""
-    adata = read_h5ad(input_path, backed="r")  # X stays on disk; the model reads layers['counts']
     model = InVAE.load(model_dir, device="auto")
+    layer = model.registry.layer  # only the counts are read (from disk per chunk for large data)
+    adata = read_counts_for_model(input_path, layer) if layer else read_h5ad(input_path, backed="r")
     full = model.get_latent_representation(adata, "full")  # one pass; split into the two blocks
     n_inv = model.hparams["n_latent_inv"]
     adata.obsm["X_scinv"] = full

@@ -10,7 +10,7 @@ from scinv.cli import key_list, step
 from scinv.config import ModelConfig, PredictorConfig, TrainingConfig, click_options, from_options
 from scinv.data import hide_heldout_labels
 from scinv.errors import ScinvInputError
-from scinv.io import read_h5ad, write_table
+from scinv.io import read_counts_for_model, read_h5ad, write_table
 from scinv.model import InVAE
 
 
@@ -53,7 +53,8 @@ def main(
 
     if threads > 0:
         torch.set_num_threads(threads)
-    adata = read_h5ad(input_path, backed="r")  # X stays on disk; training reads layers['counts']
+    # only the counts are read (from disk per chunk for large data); X stays on disk
+    adata = read_counts_for_model(input_path, layer) if layer else read_h5ad(input_path, backed="r")
     if key_list(heldout_batches):
         if not label_key:
             raise ScinvInputError("--heldout-batches needs --label-key (whose labels to hide)")

@@ -202,6 +202,25 @@ def test_backed_h5ad_trains_from_disk(small_adata, tmp_path):
     assert np.allclose(z_backed, z_memory, atol=1e-5)
 
 
+def test_large_training_files_stream_their_counts_layer(small_adata, tmp_path):
+    """io.read_counts_for_model: above the threshold the counts layer stays on disk, chunks mix
+    runs from all over the file, and latents equal those from the counts in memory."""
+    from scinv.data import MinibatchLoader
+    from scinv.io import read_counts_for_model
+
+    small_adata.write_h5ad(tmp_path / "n.h5ad")
+    streamed = read_counts_for_model(tmp_path / "n.h5ad", "counts", stream_above=100)
+    in_memory = read_counts_for_model(tmp_path / "n.h5ad", "counts")
+    assert not hasattr(streamed.layers["counts"], "toarray") and hasattr(in_memory.layers["counts"], "toarray")
+    model = InVAE(streamed, layer="counts", batch_key="batch", label_key="cell_type", n_latent_inv=4, n_latent_spur=2, n_hidden=16)
+    loader = MinibatchLoader(model._data, batch_size=32, chunk_size=120, block_size=20, seed=0)
+    chunks = [np.concatenate(blocks) for blocks in loader._order()]
+    assert sorted(np.concatenate(chunks)) == list(range(small_adata.n_obs))  # every cell once per epoch
+    assert np.mean([np.ptp(c) for c in chunks]) > 300  # a chunk spans the file, not one 120-cell run
+    model.train(**FAST)
+    assert np.allclose(model.get_latent_representation(streamed), model.get_latent_representation(in_memory), atol=1e-5)
+
+
 def test_genes_must_match(trained):
     adata, model = trained
     with pytest.raises(ScinvInputError, match="genes differ"):

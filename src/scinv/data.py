@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from anndata.abc import CSRDataset
 
 from .errors import ScinvInputError
 from .labels import UNKNOWN_LABEL, as_strings, normalize_labels, unlabelled
@@ -197,8 +198,8 @@ class DataRegistry:
 
     def counts(self, adata):
         X = adata.layers[self.layer] if self.layer else adata.X
-        if getattr(adata, "isbacked", False) and self.layer is None:
-            return adata.X  # backed sparse dataset: rows are read per chunk by the loader
+        if isinstance(X, CSRDataset):
+            return X  # backed sparse dataset (backed X, or io.read_counts_for_model): rows are read per chunk by the loader
         if not sp.issparse(X):
             X = sp.csr_matrix(np.asarray(X, dtype=np.float32))
         return sp.csr_matrix(X, dtype=np.float32)
@@ -273,8 +274,9 @@ class DataRegistry:
 class MinibatchLoader:
     """Yield minibatches as dense tensors from sparse CSR rows; never densifies the whole matrix.
 
-    For backed (on-disk) data, rows are read in contiguous chunks of `chunk_size` cells whose order
-    is shuffled, then shuffled within the chunk, so memory stays flat in the number of cells.
+    For backed (on-disk) data, rows are read in chunks of `chunk_size` cells, each gathered from
+    random `block_size`-cell runs of the file and shuffled within, so memory stays flat in the
+    number of cells and minibatches mix the whole file.
 
     Each batch is a dict of tensors: x (B, G) counts, inv (B, d_inv), spur (B, d_spur),
     label (B,), env (B,), index (B,) row positions in the encoded data.
@@ -289,6 +291,7 @@ class MinibatchLoader:
         seed: int = 0,
         device: str | torch.device = "cpu",
         chunk_size: int = 16384,
+        block_size: int = 1024,
         drop_last: bool = False,
         likelihood_terms: bool = True,
         x_log_dtype: torch.dtype = torch.float32,
@@ -302,6 +305,7 @@ class MinibatchLoader:
         self.device = torch.device(device)
         self.backed = not sp.issparse(data.X)
         self.chunk_size = chunk_size
+        self.block_size = block_size  # contiguous cells read at once from a backed file
         self.drop_last = drop_last
         self.likelihood_terms = likelihood_terms  # False: encoder inputs only (inference)
         self._set_at_least: torch.Tensor | None = None  # in memory: count_at_least of all self.indices
@@ -310,17 +314,22 @@ class MinibatchLoader:
         n = len(self.indices)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _order(self) -> Iterator[np.ndarray]:
+    def _order(self) -> Iterator[list[np.ndarray]]:
+        """In memory: one permutation of all indices. Backed: chunks of about `chunk_size` cells made
+        of `block_size`-cell runs of the file (sorted indices) drawn at random when shuffling, so
+        that a chunk mixes many parts of the file (files are written sample by sample: whole
+        16k-cell runs made minibatches of one or two samples)."""
         idx = self.indices
         if not self.backed:
-            order = self.rng.permutation(idx) if self.shuffle else idx
-            yield order
+            yield [self.rng.permutation(idx) if self.shuffle else idx]
             return
         idx = np.sort(idx)
-        chunks = [idx[i : i + self.chunk_size] for i in range(0, len(idx), self.chunk_size)]
+        blocks = [idx[i : i + self.block_size] for i in range(0, len(idx), self.block_size)]
         if self.shuffle:
-            chunks = [chunks[i] for i in self.rng.permutation(len(chunks))]
-        yield from chunks
+            blocks = [blocks[i] for i in self.rng.permutation(len(blocks))]
+        per_chunk = max(1, self.chunk_size // self.block_size)
+        for i in range(0, len(blocks), per_chunk):
+            yield blocks[i : i + per_chunk]
 
     def _tensors(self, block: sp.csr_matrix, rows: np.ndarray, row_terms: np.ndarray | None, at_least: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Dense counts and log1p counts, plus the likelihood's count summaries (`at_least`: see __iter__)."""
@@ -375,9 +384,10 @@ class MinibatchLoader:
         (~0.25 ms, 2-3 % of a CPU training step). Counts above the histogram's range stay per batch."""
         d = self.data
         pin = self.device.type == "cuda"
-        for chunk in self._order():
+        for blocks in self._order():
+            chunk = np.concatenate(blocks)
             if self.backed:
-                source = sp.csr_matrix(d.X[chunk[0] : chunk[-1] + 1][chunk - chunk[0]], dtype=np.float32)
+                source = sp.vstack([d.X[b[0] : b[-1] + 1][b - b[0]] for b in blocks], format="csr", dtype=np.float32)
                 source_row_terms = count_row_terms(source) if self.likelihood_terms else None
                 set_at_least = count_at_least(source) if self.likelihood_terms else None
                 pos = self.rng.permutation(len(chunk)) if self.shuffle else np.arange(len(chunk))
