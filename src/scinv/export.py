@@ -70,7 +70,7 @@ def write_annotated_copy(source: str | Path, output: str | Path, adata: ad.AnnDa
     with atomic_path(output) as tmp:
         shutil.copyfile(source, tmp)
         with h5py.File(tmp, "a") as f:
-            for key in ("obs", "obsm", "obsp", "uns", "layers" if cellxgene else "obs"):
+            for key in ("obs", "obsm", "obsp", "uns", *(("layers",) if cellxgene else ())):
                 if key in f:
                     del f[key]
             write_elem(f, "obs", adata.obs)

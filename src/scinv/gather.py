@@ -35,7 +35,7 @@ from anndata.io import read_elem, write_elem
 
 from .errors import ScinvInputError, first_line
 from .io import atomic_path
-from .preprocess import MIN_HVG_BATCH_CELLS, MIN_HVG_VARYING_GENES, SEURAT_V3_SPANS, check_kept_cells, qc_table, select_hvgs
+from .preprocess import MIN_HVG_BATCH_CELLS, MIN_HVG_VARYING_GENES, SEURAT_V3_SPANS, _n_varying_genes, check_kept_cells, qc_table, select_hvgs
 
 log = logging.getLogger("scinv")
 
@@ -43,7 +43,7 @@ log = logging.getLogger("scinv")
 # in-memory scanpy) and applied to every cell in chunks; 200k cells x 2k HVGs fit in ~2 GB.
 PCA_FIT_CELLS = 200_000
 CHUNK_CELLS = 50_000
-QC_CELL_COLUMNS = ("sample", "n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo", "doublet_score", "qc_reason")
+QC_METRICS = ("n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo", "doublet_score", "qc_reason")
 
 
 @dataclass
@@ -97,7 +97,7 @@ def gather(
     obs = pd.concat([s.obs for s in samples])
     summary = qc_table(obs)
     check_kept_cells(obs, batch_key, summary)
-    cells = obs[[c for c in dict.fromkeys([*QC_CELL_COLUMNS[:1], batch_key, *QC_CELL_COLUMNS[1:]]) if c in obs]].astype({"qc_reason": str})
+    cells = obs[[c for c in dict.fromkeys(["sample", batch_key, *QC_METRICS]) if c in obs]].astype({"qc_reason": str})
     samples = [s for s in samples if s.kept.any()]
     genes = kept_genes(samples, min_cells_per_gene)
     categories = _shared_categories(samples)
@@ -227,7 +227,7 @@ def _seurat_v3_by_batch(samples: list[SampleFile], genes: pd.Index, batch_key: s
     for b in batches:
         parts = [s.counts(genes, (s.obs[batch_key].astype(str) == b).to_numpy()) for s, sb in zip(samples, per_sample_batches) if (sb == b).any()]
         counts = sp.vstack([p.X for p in parts], format="csr")
-        if counts.shape[0] < MIN_HVG_BATCH_CELLS or _n_varying(counts) < MIN_HVG_VARYING_GENES:
+        if counts.shape[0] < MIN_HVG_BATCH_CELLS or _n_varying_genes(counts) < MIN_HVG_VARYING_GENES:
             left_out.append(b)
             continue
         nv, span = batch_hvg_statistics(counts, n_top_genes)
@@ -253,11 +253,6 @@ def _seurat_v3_by_batch(samples: list[SampleFile], genes: pd.Index, batch_key: s
         record["fallback"] = "; ".join(notes)
         log.warning("HVG: %s", record["fallback"])
     return var, record
-
-
-def _n_varying(X: sp.csr_matrix) -> int:
-    mean = np.asarray(X.mean(0)).ravel()
-    return int((np.asarray(X.multiply(X).mean(0)).ravel() - mean**2 > 1e-12).sum())
 
 
 def _in_memory(samples: list[SampleFile], genes: pd.Index, batch_key: str, n_top_genes: int, flavor: str, target_sum: float) -> tuple[pd.DataFrame, dict]:

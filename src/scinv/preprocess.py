@@ -93,15 +93,8 @@ def _load_samplesheet(path: Path, batch_key: str, staged_dir: str | None = None,
     parts = []
     for row in sheet.itertuples(index=False):
         row = row._asdict()
-        with _naming(row["path"], sheet.attrs["shown"].get(row["path"])):
-            adata = read_counts(row["path"])
-            check_counts(adata.X, row["path"])
-        adata.obs_names = [f"{row['sample']}_{bc}" for bc in adata.obs_names]
-        adata.obs = pd.DataFrame(index=adata.obs_names)
-        adata.obs["sample"] = row["sample"]
-        for col in extra:
-            adata.obs[col] = row[col]
-        parts.append(adata)
+        adata = _read_sample_counts(row["path"], sheet.attrs["shown"].get(row["path"]))
+        parts.append(_obs_from_row(adata, row))
     genes = set(parts[0].var_names)
     for p in parts[1:]:
         genes &= set(p.var_names)
@@ -132,10 +125,11 @@ def _read_annotations(path: Path) -> pd.DataFrame:
     return table.drop_duplicates("cell_id").set_index("cell_id")
 
 
-def _join_annotations(adata: ad.AnnData, path: Path, unknown_label: str) -> ad.AnnData:
+def _join_annotations(adata: ad.AnnData, path: Path, unknown_label: str, require_match: bool = True) -> ad.AnnData:
+    """Join the annotation columns on cell id; unmatched cells get `unknown_label`. `require_match`:
+    no matching cell is an error (a whole input; one sample may have no annotated cell)."""
     table = _read_annotations(path)
-    matched = adata.obs_names.isin(table.index).sum()
-    if matched == 0:
+    if require_match and not adata.obs_names.isin(table.index).any():
         raise ScinvInputError(f"{path}: no cell_id matches a cell (ids look like '{adata.obs_names[0]}'); fix the ids")
     for col in table.columns:
         adata.obs[col] = pd.Categorical(table[col].reindex(adata.obs_names).fillna(unknown_label).to_numpy())
@@ -230,6 +224,24 @@ def _annotation_columns(path: Path, samples: pd.Series) -> list[str]:
     return list(table.columns)
 
 
+def _read_sample_counts(path: str, shown: str | None) -> ad.AnnData:
+    """One sample's raw counts, validated; errors name the file as the user gave it (`shown`)."""
+    with _naming(str(path), shown):
+        adata = read_counts(path)
+        check_counts(adata.X, str(path))
+    return adata
+
+
+def _obs_from_row(adata: ad.AnnData, row: dict) -> ad.AnnData:
+    """Cell ids `<sample>_<barcode>` and obs columns from the samplesheet row (path columns left out)."""
+    adata.obs_names = [f"{row['sample']}_{bc}" for bc in adata.obs_names]
+    adata.obs = pd.DataFrame(index=adata.obs_names)
+    for col, value in row.items():
+        if col not in SHEET_PATH_COLUMNS:
+            adata.obs[col] = pd.Categorical([str(value)] * adata.n_obs)
+    return adata
+
+
 def load_sample(
     counts_path: str,
     row: dict,
@@ -244,20 +256,12 @@ def load_sample(
     (row['keep_obs']) already carries both. Raw counts in X and layers['counts'].
     """
     shown = row.get("shown_path") or counts_path
-    with _naming(str(counts_path), shown):
-        adata = read_counts(counts_path)
-        check_counts(adata.X, str(counts_path))
+    adata = _read_sample_counts(counts_path, shown)
     if str(row.get("keep_obs", "")).lower() != "true":
-        adata.obs_names = [f"{row['sample']}_{bc}" for bc in adata.obs_names]
-        adata.obs = pd.DataFrame(index=adata.obs_names)
-        for col, value in row.items():
-            if col not in SHEET_PATH_COLUMNS:
-                adata.obs[col] = pd.Categorical([str(value)] * adata.n_obs)
+        _obs_from_row(adata, row)
         _make_names_unique(adata, shown)
         if annotations:
-            table = _read_annotations(Path(annotations))
-            for col in table.columns:
-                adata.obs[col] = pd.Categorical(table[col].reindex(adata.obs_names).fillna(unknown_label).to_numpy())
+            _join_annotations(adata, Path(annotations), unknown_label, require_match=False)
     prepare_covariates(adata, batch_key, label_key, unknown_label, shown)
     adata.layers["counts"] = adata.X
     return adata
