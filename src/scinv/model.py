@@ -31,6 +31,7 @@ from . import __version__
 from .config import ModelConfig, PredictorConfig, TrainingConfig
 from .data import UNKNOWN_LABEL, DataRegistry, EncodedData, MinibatchLoader, split_train_validation
 from .errors import ScinvInputError
+from .mapping import REFERENCE_SAMPLE_CELLS, ReferenceSample, calibrate_threshold, novelty_scores, reference_umap
 from .module import InVAEModule, InvariantClassifier, invariant_risk
 from .training import EarlyStopping, Trainer, keep_freed_memory_for_reuse, progress, resolve_device, seed_everything
 
@@ -47,6 +48,31 @@ def _make_config(cls, options: dict, what: str):
     if unknown:
         raise TypeError(f"unknown {what}(s) {unknown}; the valid ones are the fields of scinv.config.{cls.__name__}: {sorted(valid)}")
     return cls(**options)
+
+
+def read_model_config(path: str | os.PathLike) -> dict:
+    """config.json of a saved model directory; a clear error when `path` is not one (or another format)."""
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_file.exists() or not weights.exists():
+        raise ScinvInputError(
+            f"{path}: not a scinv model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); pass the model folder a scinv run wrote (model/<run>_model)"
+        )
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ScinvInputError(f"{cfg_file}: not valid JSON ({err.msg}); the model directory is damaged") from err
+    if config.get("format") != MODEL_FORMAT:
+        raise ScinvInputError(
+            f"{path}: model format {config.get('format')} (scinv {config.get('scinv_version')}) is not supported "
+            f"by scinv {__version__} (format {MODEL_FORMAT}); retrain or use the matching scinv version"
+        )
+    return config
+
+
+def model_genes(path: str | os.PathLike) -> list[str]:
+    """The genes (in order) of the saved model at `path`, without loading its weights."""
+    return list(read_model_config(path)["registry"]["var_names"])
 
 
 class InVAE:
@@ -122,6 +148,8 @@ class InVAE:
         self.history: list[dict] = []
         self.predictor_history: list[dict] = []
         self.mapped_query = False  # set by map_query: train() would move the frozen reference weights
+        self.reference: ReferenceSample | None = None  # set by store_reference; query mapping needs it
+        self._validation_cells: np.ndarray | None = None  # cells the last train() held out of its gradient steps
         self.device = torch.device("cpu")
 
     # -- construction helpers -------------------------------------------------------------------------
@@ -201,7 +229,46 @@ class InVAE:
         new = [{**record, "epoch": record["epoch"] + done} for record in trainer.fit(config.checkpoint_dir, resume)]
         self.history = (self.history if continuing else []) + new
         self.train_config = asdict(trainer.config)  # max_epochs as resolved
+        self._validation_cells = trainer.val_idx
         return self.history
+
+    def store_reference(self, max_cells: int = REFERENCE_SAMPLE_CELLS, seed: int = 0, umap: bool = True) -> ReferenceSample:
+        """Keep z_inv of up to `max_cells` training cells, their batch and label, a UMAP and the novelty threshold.
+
+        Saved with the model, so that a query mapped later gets novelty scores and a place on the
+        reference UMAP without the reference data (see :mod:`scinv.mapping`). Call after train().
+        """
+        data = self._training_data()
+        rng = np.random.default_rng(seed)
+        cells = np.arange(data.n_cells) if data.n_cells <= max_cells else np.sort(rng.choice(data.n_cells, max_cells, replace=False))
+        validation = self._validation_cells if self._validation_cells is not None and len(self._validation_cells) else cells
+        calibration = np.flatnonzero(np.isin(cells, validation))
+        subset = EncodedData(data.X[cells], data.inv_covariates[cells], data.spur_covariates[cells], data.labels[cells], data.environments[cells])
+        latent = self._posterior(subset)[0][:, : self.hparams["n_latent_inv"]].numpy()
+        reg = self.registry
+        batches = np.asarray(reg.batch.categories, dtype=object)[subset.environments] if reg.batch else np.full(len(cells), "all", dtype=object)
+        labels = np.where(subset.labels >= 0, np.asarray(reg.labels + [""], dtype=object)[subset.labels], reg.unknown_label)
+        index = self.adata.obs_names[cells] if self.adata is not None else pd.RangeIndex(len(cells)).astype(str)
+        obs = pd.DataFrame({"batch": batches, "label": labels}, index=index)
+        known = np.where(subset.labels >= 0, labels, "").astype(str)
+        calibration = calibrate_threshold(latent, obs["batch"].to_numpy(), calibration, known)
+        calibration["sample_cells"] = int(len(cells))
+        self.reference = ReferenceSample(latent, obs, reference_umap(latent, seed) if umap else None, calibration["threshold"], calibration)
+        progress(
+            f"reference sample: {len(cells):,} cells; novelty threshold {calibration['threshold']:.3f} "
+            f"({calibration['quantile']:.0%} of {calibration['calibration_cells']:,} held-out cells scored against the other batches)"
+        )
+        return self.reference
+
+    def novelty(self, adata=None, latent: np.ndarray | None = None) -> np.ndarray:
+        """(n_cells,) novelty scores: mean z_inv distance to the nearest reference cells (:mod:`scinv.mapping`).
+
+        Cells above `model.reference.threshold` are unlike every reference cell: a type the reference lacked.
+        """
+        if self.reference is None:
+            raise ScinvInputError("the model has no reference sample: call store_reference() after train() (TRAIN does)")
+        z = self.get_latent_representation(adata, "inv") if latent is None else latent
+        return novelty_scores(self.reference.latent, z)
 
     # -- inference ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -332,13 +399,16 @@ class InVAE:
         fine_tune_encoder: bool = False,
         seed: int = 0,
         device: str | None = "auto",
+        use_labels: bool = False,
     ) -> InVAE:
         """Return a copy of the model extended to the new batches of `query` (scArches-style surgery).
 
         The batch category map gains the query's new batches and the spurious prior's first layer
         gains input columns for them; only those columns are trained on the query (plus the encoder
         when `fine_tune_encoder`). Decoder, dispersion and invariant prior stay frozen, so z_inv keeps
-        its meaning and, with the encoder frozen, reference latents are unchanged.
+        its meaning and, with the encoder frozen, reference latents are unchanged. The query's labels
+        are not used unless `use_labels` (they may hold types the reference lacks, and are what
+        transfer is scored against). The reference sample is carried over for novelty scores.
         """
         reg = self.registry
         if reg.batch is None:
@@ -351,7 +421,8 @@ class InVAE:
         query_model._extend_batches(new)
         query_model.mapped_query = True
         query_model.adata = query
-        query_model._data = query_model.registry.encode(query, "query", use_labels=True)
+        query_model.reference = self.reference
+        query_model._data = query_model.registry.encode(query, "query", use_labels=use_labels)
         module = query_model.module
         for p in module.parameters():
             p.requires_grad_(False)
@@ -418,6 +489,7 @@ class InVAE:
             "history": self.history,
             "predictor_history": self.predictor_history,
             "mapped_query": self.mapped_query,
+            "reference": self.reference.calibration if self.reference is not None else None,
         }
 
     def _state_dict(self) -> dict[str, torch.Tensor]:
@@ -438,6 +510,8 @@ class InVAE:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             save_file(self._state_dict(), tmp / WEIGHTS_FILE)
+            if self.reference is not None:
+                self.reference.save(tmp)
             (tmp / CONFIG_FILE).write_text(json.dumps(self._config(), indent=1))
             if path.exists():
                 shutil.rmtree(path)
@@ -467,18 +541,9 @@ class InVAE:
     def load(cls, path: str | os.PathLike, device: str | None = "cpu") -> InVAE:
         """Load a saved model; needs no training data. Raises a clear error for other formats."""
         path = Path(path)
-        cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-        if not cfg_file.exists() or not weights.exists():
-            raise ScinvInputError(f"{path}: not a scinv model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ScinvInputError(f"{cfg_file}: not valid JSON ({err.msg}); the model directory is damaged") from err
-        if config.get("format") != MODEL_FORMAT:
-            raise ScinvInputError(
-                f"{path}: model format {config.get('format')} (scinv {config.get('scinv_version')}) is not supported "
-                f"by scinv {__version__} (format {MODEL_FORMAT}); retrain or use the matching scinv version"
-            )
-        model = cls.from_state(config, load_file(weights))
+        config = read_model_config(path)
+        model = cls.from_state(config, load_file(path / WEIGHTS_FILE))
+        if config.get("reference"):
+            model.reference = ReferenceSample.load(path, config["reference"])
         model.device = resolve_device(device)
         return model
