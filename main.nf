@@ -3,6 +3,7 @@
  * scinv: conditionally invariant VAE (inVAE) integration of single-cell data.
  *   nextflow run main.nf -profile test            (bundled example data)
  *   nextflow run main.nf --input samplesheet.csv --label_key cell_type --outdir results
+ *   nextflow run main.nf --input query.csv --reference_model results/model/scinv_model --outdir query
  */
 nextflow.enable.dsl = 2
 
@@ -15,10 +16,11 @@ workflow {
         log.info helpText("${projectDir}/nextflow_schema.json")
         return
     }
-    PIPELINE_INITIALISATION(params.input, params.annotations)
+    PIPELINE_INITIALISATION(params.input, params.annotations, params.reference_model)
     SCINV(
         PIPELINE_INITIALISATION.out.samples,
         PIPELINE_INITIALISATION.out.annotations,
+        PIPELINE_INITIALISATION.out.reference,
         PIPELINE_INITIALISATION.out.versions,
     )
 }

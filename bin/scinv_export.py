@@ -8,6 +8,7 @@ import pandas as pd
 from scinv.cli import step
 from scinv.export import UMAP_MAX_CELLS, umap, write_annotated_copy
 from scinv.io import read_counts_for_model, read_h5ad, write_table
+from scinv.mapping import NOVEL_LABEL, place_on_reference_umap
 from scinv.model import InVAE
 
 
@@ -41,14 +42,28 @@ def main(input_path, model_dir, output, embeddings, with_umap, cellxgene, umap_m
     table = table.join(
         pd.DataFrame(adata.obsm["X_scinv_spur"], index=adata.obs_names, columns=[f"spur_{i}" for i in range(adata.obsm["X_scinv_spur"].shape[1])])
     )
+    query = model.mapped_query and model.reference is not None  # a query mapped onto a trained model
+    if query:  # distance to the reference sample in z_inv; above the threshold: a type the reference lacked
+        novelty = model.novelty(latent=adata.obsm["X_scinv_inv"])
+        adata.obs["scinv_novelty"] = novelty
+        adata.obs["scinv_novel"] = novelty > model.reference.threshold
+        adata.uns["scinv_novelty"] = {k: ("" if v is None else v) for k, v in model.reference.calibration.items()}
+        table["scinv_novelty"] = novelty
     if model.predictor is not None:
         labels, probs = model.predict(adata)
-        adata.obs["scinv_prediction"] = pd.Categorical(labels)
         adata.obs["scinv_prediction_probability"] = probs.max(axis=1).to_numpy()
+        adata.obs["scinv_uncertainty"] = 1.0 - adata.obs["scinv_prediction_probability"]
         adata.obsm["scinv_label_probabilities"] = probs.to_numpy(np.float32)
         adata.uns["scinv_label_names"] = list(probs.columns)
+        if query:
+            adata.obs["scinv_prediction_known_types"] = pd.Categorical(labels)
+            labels = np.where(adata.obs["scinv_novel"].to_numpy(), NOVEL_LABEL, labels)
+        adata.obs["scinv_prediction"] = pd.Categorical(labels)
         table["scinv_prediction"] = labels
         table["scinv_prediction_probability"] = adata.obs["scinv_prediction_probability"].to_numpy()
+        table["scinv_uncertainty"] = adata.obs["scinv_uncertainty"].to_numpy()
+    if query and model.reference.umap is not None:  # the query on the reference's UMAP (the model keeps it)
+        adata.obsm["X_umap_reference"] = place_on_reference_umap(model.reference, adata.obsm["X_scinv_inv"])
     if with_umap:
         for rep, key in (("X_scinv_inv", "scinv_inv"), ("X_scinv_spur", "scinv_spur"), ("X_pca", "pca")):
             if rep in adata.obsm:

@@ -6,6 +6,8 @@ import click
 from scinv.cli import step
 from scinv.gather import gather
 from scinv.io import write_table
+from scinv.mapping import MAX_MISSING_GENE_FRACTION
+from scinv.model import model_genes
 
 
 @click.command(context_settings={"show_default": True})
@@ -25,10 +27,35 @@ from scinv.io import write_table
 @click.option("--target-sum", default=1e4, type=float, help="Counts per cell after normalize_total.")
 @click.option("--n-pcs", default=50, type=int, help="Principal components of the unintegrated baseline.")
 @click.option("--seed", default=0, type=int, help="Random seed.")
+@click.option(
+    "--reference-model",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Query mapping: lay the samples out on this trained model's genes (no HVG selection, no PCA).",
+)
+@click.option(
+    "--max-missing-genes",
+    default=MAX_MISSING_GENE_FRACTION,
+    type=click.FloatRange(0, 1),
+    help="With --reference-model: stop when a sample lacks more than this fraction of the model's genes (the others are zero-filled).",
+)
 @step
-def main(samples, output, summary, cells_out, batch_key, min_cells_per_gene, n_top_genes, flavor, target_sum, n_pcs, seed):
+def main(samples, output, summary, cells_out, batch_key, min_cells_per_gene, n_top_genes, flavor, target_sum, n_pcs, seed, reference_model, max_missing_genes):
     """Merge per-sample QC files (SAMPLES: .h5ad from QC) into the normalised HVG .h5ad."""
-    table, cells, record = gather(list(samples), output, batch_key, n_top_genes, flavor, target_sum, n_pcs, min_cells_per_gene, seed)
+    genes = model_genes(reference_model) if reference_model else None
+    table, cells, record = gather(
+        list(samples),
+        output,
+        batch_key,
+        n_top_genes,
+        flavor,
+        target_sum,
+        n_pcs,
+        min_cells_per_gene,
+        seed,
+        reference_genes=genes,
+        max_missing_genes=max_missing_genes,
+    )
     write_table(cells, cells_out)
     write_table(table, summary)
     click.echo(table.to_string(), err=True)

@@ -9,6 +9,7 @@ import pandas as pd
 
 from scinv.cli import key_list, step
 from scinv.io import read_h5ad, write_text
+from scinv.mapping import REFERENCE_FILE
 from scinv.report import build_report
 
 
@@ -54,6 +55,8 @@ def main(
     metrics = pd.read_csv(metrics_path, index_col=0) if exists(metrics_path) else None
     transfer = pd.read_csv(transfer_path, index_col=0) if exists(transfer_path) else None
     history = json.loads((Path(model_dir) / "config.json").read_text()).get("history", []) if exists(model_dir) else []
+    reference = Path(model_dir or ".") / REFERENCE_FILE
+    reference = pd.read_parquet(reference) if exists(model_dir) and reference.exists() else None
     versions = Path(versions_path).read_text() if exists(versions_path) else ""
     params = json.loads(Path(params_path).read_text()) if exists(params_path) else None
     html = build_report(
@@ -71,6 +74,7 @@ def main(
         label_transfer=transfer,
         heldout_batches=key_list(heldout_batches),
         unknown_label=unknown_label,
+        reference=reference,
     )
     write_text(html, output)
     click.echo(f"REPORT: wrote {output}", err=True)

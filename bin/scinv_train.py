@@ -11,6 +11,7 @@ from scinv.config import ModelConfig, PredictorConfig, TrainingConfig, click_opt
 from scinv.data import hide_heldout_labels
 from scinv.errors import ScinvInputError
 from scinv.io import read_counts_for_model, read_h5ad, write_table
+from scinv.mapping import REFERENCE_SAMPLE_CELLS
 from scinv.model import InVAE
 
 
@@ -29,6 +30,12 @@ from scinv.model import InVAE
 @click_options(ModelConfig)
 @click_options(TrainingConfig)
 @click_options(PredictorConfig)  # its seed is --seed
+@click.option(
+    "--reference-cells",
+    default=REFERENCE_SAMPLE_CELLS,
+    type=int,
+    help="Keep the invariant latents, UMAP and novelty threshold of this many training cells in the model, for query mapping (0: none).",
+)
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch default).")
 @step
@@ -44,6 +51,7 @@ def main(
     invariant_keys,
     spurious_keys,
     continuous_keys,
+    reference_cells,
     device,
     threads,
     **options,
@@ -75,6 +83,8 @@ def main(
     predictor = from_options(PredictorConfig, options, seed=options["seed"])
     if label_key and predictor.max_epochs > 0 and model.registry.n_labels >= 2:
         model.train_predictor(**asdict(predictor))
+    if reference_cells > 0:
+        model.store_reference(reference_cells, seed=options["seed"])
     write_table(pd.DataFrame(model.history), history_out, index=False)
     model.save(model_dir)
     click.echo(f"TRAIN_INVAE: saved model to {model_dir}", err=True)

@@ -85,3 +85,23 @@ def test_pca_on_a_subsample_spans_the_full_pca(tmp_path, atlas, monkeypatch):
     _, residual, *_ = np.linalg.lstsq(np.c_[sub[:, :5], np.ones(len(sub))], full[:, :3], rcond=None)
     r2 = 1 - residual / ((full[:, :3] - full[:, :3].mean(0)) ** 2).sum(0)
     assert (r2 > 0.99).all(), r2
+
+
+def test_query_mode_lays_samples_out_on_the_model_genes_zero_filling_what_a_sample_lacks(tmp_path, atlas):
+    genes = list(atlas.var_names[::3][:50]) + ["GENE_ONLY_IN_REFERENCE"]
+    files = write_qc_files(atlas, tmp_path)
+    short = ad.read_h5ad(files[0])  # the first sample lacks two of the model's genes
+    short = short[:, ~short.var_names.isin(genes[:2])].copy()
+    write_h5ad(short, files[0])
+    _, _, record = gather(files, str(tmp_path / "q.h5ad"), reference_genes=genes, max_missing_genes=0.1)
+    query = ad.read_h5ad(tmp_path / "q.h5ad")
+    assert list(query.var_names) == genes and "X_pca" not in query.obsm
+    assert record["flavor"] == "reference" and record["hvg"]["missing_genes_per_sample"]["b0_s0"] == 3
+    first = (query.obs["sample"] == "b0_s0").to_numpy()
+    assert query.layers["counts"][first][:, :2].nnz == 0 and query.layers["counts"][:, -1].nnz == 0
+    kept, _ = run_qc(atlas.copy(), THRESHOLDS, "batch")
+    rest = kept[kept.obs["sample"] != "b0_s0", genes[:-1]]
+    assert abs(query.layers["counts"][~first][:, :-1] - rest.layers["counts"]).max() == 0  # raw counts, same cells
+    with pytest.raises(Exception, match=r"sample 'b0_s0' .*3 of the model's 51 genes \(6%\) are missing .*--max_missing_genes 0.05"):
+        gather(files, str(tmp_path / "q2.h5ad"), reference_genes=genes, max_missing_genes=0.05)
+    assert not (tmp_path / "q2.h5ad").exists()

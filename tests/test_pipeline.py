@@ -79,10 +79,17 @@ def test_missing_sample_file_stops_before_any_task_with_one_line(tmp_path):
     assert errors and "sheet.csv" in errors[0] and "nowhere.h5" in errors[0] and "fix the path column" in errors[0]
 
 
-@pytest.mark.slow
-def test_profile_test_end_to_end_and_resume(tmp_path):
+@pytest.fixture(scope="module")
+def profile_test(tmp_path_factory):
+    """One `-profile test` run (its folder, outdir and output), shared by the tests that read it."""
+    tmp_path = tmp_path_factory.mktemp("profile_test")
     outdir = tmp_path / "results"
-    res = run_nextflow("run", MAIN, "-profile", "test", "--outdir", str(outdir), cwd=tmp_path, timeout=1500)
+    return tmp_path, outdir, run_nextflow("run", MAIN, "-profile", "test", "--outdir", str(outdir), cwd=tmp_path, timeout=1500)
+
+
+@pytest.mark.slow
+def test_profile_test_end_to_end_and_resume(profile_test):
+    tmp_path, outdir, res = profile_test
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     for proc in PROCESSES:
         assert re.search(rf"Submitted process > {proc}\b", res.stdout), proc
@@ -133,3 +140,64 @@ def test_profile_test_end_to_end_and_resume(tmp_path):
     again = run_nextflow("run", MAIN, "-profile", "test", "--outdir", str(outdir), "-resume", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:]
     assert len(re.findall(r"Cached process > ", again.stdout)) == len(PROCESSES) + SAMPLES - 1
+
+
+def test_reference_model_that_is_not_a_model_stops_before_any_task(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = run_nextflow("run", MAIN, "-profile", "test_mapping", "--reference_model", str(tmp_path / "empty"), "--outdir", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode != 0
+    assert f"--reference_model {tmp_path / 'empty'}: not a scinv model directory" in res.stdout + res.stderr
+    assert "Submitted process" not in res.stdout
+
+
+def test_stub_mapping_run_maps_instead_of_training(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    res = run_nextflow("run", MAIN, "-profile", "test_mapping", "-stub", "--reference_model", str(model), "--outdir", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:]
+    for proc in ("SCINV:QC", "SCINV:NORMALIZE", "SCINV:MAP_QUERY", "SCINV:EXPORT", "SCINV:REPORT"):
+        assert f"> {proc}" in res.stdout, proc
+    assert "TRAIN_INVAE" not in res.stdout and "METRICS" not in res.stdout and "BASELINE" not in res.stdout
+
+
+@pytest.mark.slow
+def test_reference_then_query_mapping_end_to_end(tmp_path, profile_test):
+    """-profile test_reference trains on C144 and C146; -profile test_mapping maps C149 onto that model."""
+    ref_out, query_out = tmp_path / "results_reference", tmp_path / "results_query"
+    first = run_nextflow("run", MAIN, "-profile", "test_reference", "--outdir", str(ref_out), cwd=tmp_path, timeout=1200)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    model_dir = ref_out / "model" / "scinv_model"
+    second = run_nextflow("run", MAIN, "-profile", "test_mapping", "--reference_model", str(model_dir), "--outdir", str(query_out), cwd=tmp_path, timeout=900)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
+    assert "Submitted process > SCINV:MAP_QUERY" in second.stdout and "TRAIN_INVAE" not in second.stdout  # never trains from scratch
+
+    from scinv.io import read_counts_for_model
+    from scinv.model import InVAE
+
+    query = ad.read_h5ad(query_out / "export" / "scinv_integrated.h5ad")
+    assert set(query.obs["batch"]) == {"C149"} and query.n_vars == 2000
+    assert {"scinv_novelty", "scinv_novel", "scinv_uncertainty", "scinv_prediction"} <= set(query.obs)
+    assert query.obsm["X_umap_reference"].shape == (query.n_obs, 2) and query.obsm["scinv_label_probabilities"].shape[1] == 5
+    # the reference weights are unchanged: the mapped model gives the reference cells the same latents
+    mapped = InVAE.load(query_out / "model" / "scinv_query_model")
+    assert mapped.mapped_query and "C149" in mapped.registry.batch.categories
+    reference = ref_out / "export" / "scinv_integrated.h5ad"
+    z_before = ad.read_h5ad(reference).obsm["X_scinv_inv"]
+    z_after = mapped.get_latent_representation(read_counts_for_model(reference, "counts"), "inv")
+    np.testing.assert_allclose(z_after, z_before, atol=1e-4)
+    # transfer to C149 as good as in the joint run where C149's labels were hidden (-profile test)
+    _, joint_out, joint = profile_test
+    assert joint.returncode == 0
+    joint_accuracy = pd.read_csv(joint_out / "metrics" / "scinv_label_transfer.csv", index_col=0).loc["scinv invariant predictor", "accuracy"]
+    known = (query.obs["celltype_derived"] != "Unknown").to_numpy()
+    truth = query.obs["celltype_derived"].astype(str).to_numpy()[known]
+    mapped_accuracy = (query.obs["scinv_prediction_known_types"].astype(str).to_numpy()[known] == truth).mean()
+    assert abs(mapped_accuracy - joint_accuracy) <= 0.02, (mapped_accuracy, joint_accuracy)
+    assert query.obs["scinv_novel"].mean() < 0.02  # C149 has no type the reference lacks
+
+    html = (query_out / "report" / "scinv_report.html").read_text()
+    assert "Query mapping" in html and "query on the reference UMAP" in html and "Transfer to the query" in html
+    sizes, _ = render_in_chromium(query_out / "report" / "scinv_report.html", tmp_path)
+    assert len(sizes) == html.count("data:image/png;base64,") >= 4

@@ -1,9 +1,11 @@
 /*
  * scinv: QC -> normalisation/HVG -> inVAE training -> export -> metrics -> report
+ * With a reference model: QC -> the model's genes -> query mapping -> export (novelty) -> report
  */
 include { QC          } from '../modules/local/qc/main'
 include { NORMALIZE   } from '../modules/local/normalize/main'
 include { TRAIN_INVAE } from '../modules/local/train_invae/main'
+include { MAP_QUERY   } from '../modules/local/map_query/main'
 include { EXPORT      } from '../modules/local/export/main'
 include { METRICS     } from '../modules/local/metrics/main'
 include { REPORT      } from '../modules/local/report/main'
@@ -15,6 +17,7 @@ workflow SCINV {
     take:
     ch_samples   // channel: [meta, counts], one per sample (PIPELINE_INITIALISATION)
     annotations  // file or []: CSV joined to obs by cell_id
+    reference_model  // model directory of a previous run (map the samples onto it), or [] (train)
     ch_versions  // channel: versions.yml of the initialisation
 
     main:
@@ -27,17 +30,25 @@ workflow SCINV {
     ch_qc = QC.out.h5ad
         .toSortedList { a, b -> a[0].index <=> b[0].index }
         .map { samples -> [meta, samples.collect { it[1] }] }
-    NORMALIZE(ch_qc)
+    NORMALIZE(ch_qc, reference_model)
     ch_versions = ch_versions.mix(NORMALIZE.out.versions)
 
-    TRAIN_INVAE(NORMALIZE.out.h5ad)
-    ch_versions = ch_versions.mix(TRAIN_INVAE.out.versions)
+    def mapping = params.reference_model ? true : false  // reference_model: the checked folder
+    if (mapping) {
+        MAP_QUERY(NORMALIZE.out.h5ad, reference_model)
+        ch_model = MAP_QUERY.out.model
+        ch_versions = ch_versions.mix(MAP_QUERY.out.versions)
+    } else {
+        TRAIN_INVAE(NORMALIZE.out.h5ad)
+        ch_model = TRAIN_INVAE.out.model
+        ch_versions = ch_versions.mix(TRAIN_INVAE.out.versions)
+    }
 
-    EXPORT(NORMALIZE.out.h5ad.join(TRAIN_INVAE.out.model))
+    EXPORT(NORMALIZE.out.h5ad.join(ch_model))
     ch_versions = ch_versions.mix(EXPORT.out.versions)
 
-    // Reference integrations, each its own process so they run beside TRAIN_INVAE
-    def baselines = (params.baselines ?: '').tokenize(',')*.trim()
+    // Reference integrations, each its own process so they run beside TRAIN_INVAE (not for a query)
+    def baselines = mapping ? [] : (params.baselines ?: '').tokenize(',')*.trim()
     ch_baselines = Channel.empty()
     if ('harmony' in baselines) {
         BASELINE_HARMONY(NORMALIZE.out.h5ad)
@@ -55,7 +66,7 @@ workflow SCINV {
         ch_versions = ch_versions.mix(BASELINE_SCANVI.out.versions)
     }
 
-    if (params.label_key && !params.skip_metrics) {
+    if (params.label_key && !params.skip_metrics && !mapping) {
         ch_metrics_in = EXPORT.out.h5ad
             .join(ch_baselines.groupTuple(), remainder: true)
             .map { m, h5ad, emb -> [m, h5ad, emb ?: []] }
@@ -77,7 +88,7 @@ workflow SCINV {
     ch_report_in = EXPORT.out.h5ad
         .join(NORMALIZE.out.cells)
         .join(NORMALIZE.out.summary)
-        .join(TRAIN_INVAE.out.model)
+        .join(ch_model)
         .join(ch_metrics)
     REPORT(ch_report_in, ch_versions_file, ch_params)
 

@@ -35,6 +35,7 @@ from anndata.io import read_elem, write_elem
 
 from .errors import ScinvInputError, first_line
 from .io import atomic_path
+from .mapping import MAX_MISSING_GENE_FRACTION, check_missing_genes, gene_selector
 from .preprocess import MIN_HVG_BATCH_CELLS, MIN_HVG_VARYING_GENES, SEURAT_V3_SPANS, _n_varying_genes, check_kept_cells, qc_table, select_hvgs
 
 log = logging.getLogger("scinv")
@@ -86,12 +87,19 @@ def gather(
     n_pcs: int = 50,
     min_cells_per_gene: int = 3,
     seed: int = 0,
+    reference_genes: list[str] | None = None,
+    max_missing_genes: float = MAX_MISSING_GENE_FRACTION,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Merge per-sample QC files into the training .h5ad (see the module docstring).
 
     Writes `output` with the HVG subset: raw counts in layers['counts'], log-normalised X, PCA in
     obsm['X_pca'], what the HVG step did in uns['scinv_normalize']. Returns (QC summary per
     sample, QC metrics of every input cell, uns['scinv_normalize']).
+
+    With `reference_genes` (a trained model's genes, for query mapping) no genes are selected: each
+    sample is normalised over its own genes and laid out on `reference_genes`, the ones it lacks
+    zero-filled (a sample lacking more than `max_missing_genes` of them stops the run), and no
+    PCA is fitted.
     """
     samples = [SampleFile.open(f) for f in files]
     obs = pd.concat([s.obs for s in samples])
@@ -99,24 +107,47 @@ def gather(
     check_kept_cells(obs, batch_key, summary)
     cells = obs[[c for c in dict.fromkeys(["sample", batch_key, *QC_METRICS]) if c in obs]].astype({"qc_reason": str})
     samples = [s for s in samples if s.kept.any()]
-    genes = kept_genes(samples, min_cells_per_gene)
     categories = _shared_categories(samples)
-    n_top_genes = min(n_top_genes, len(genes))
-    var, record = highly_variable_genes(samples, genes, batch_key, n_top_genes, flavor, target_sum)
-    hvgs = var.index[var["highly_variable"].to_numpy(bool)]
-    record = {"n_top_genes": int(n_top_genes), "flavor": flavor, "batch_key": batch_key, "target_sum": float(target_sum), "hvg": record}
+    if reference_genes is not None:
+        hvgs = pd.Index([str(g) for g in reference_genes])
+        var, record = _query_genes(samples, hvgs, max_missing_genes)
+        record = {"n_top_genes": len(hvgs), "flavor": "reference", "batch_key": batch_key, "target_sum": float(target_sum), "hvg": record}
+        gene_sets = [s.var.index for s in samples]  # each sample normalised over its own genes
+    else:
+        genes = kept_genes(samples, min_cells_per_gene)
+        n_top_genes = min(n_top_genes, len(genes))
+        var, record = highly_variable_genes(samples, genes, batch_key, n_top_genes, flavor, target_sum)
+        hvgs = var.index[var["highly_variable"].to_numpy(bool)]
+        record = {"n_top_genes": int(n_top_genes), "flavor": flavor, "batch_key": batch_key, "target_sum": float(target_sum), "hvg": record}
+        gene_sets = [genes] * len(samples)
     with atomic_path(output) as final, tempfile.TemporaryDirectory(dir=Path(output).resolve().parent) as tmp:
-        paths = [_write_piece(s, genes, hvgs, target_sum, categories, Path(tmp) / f"{i}.h5ad") for i, s in enumerate(samples)]
+        paths = [_write_piece(s, g, hvgs, target_sum, categories, Path(tmp) / f"{i}.h5ad") for i, (s, g) in enumerate(zip(samples, gene_sets))]
         merged = Path(tmp) / "merged.h5ad"  # the suffix tells concat_on_disk to write HDF5
         ad.experimental.concat_on_disk(paths, merged, join="inner", merge="same")
         with h5py.File(merged, "a") as f:
             _replace(f, "var", var.loc[hvgs])
-            pca = fit_pca(f, n_pcs, seed)
-            _replace(f, "obsm", {"X_pca": pca.pop("X_pca")})
-            _replace(f, "varm", {"PCs": pca.pop("PCs")})
-            _replace(f, "uns", {"pca": pca, "scinv_normalize": {**record, "hvg": {k: ("" if v is None else v) for k, v in record["hvg"].items()}}})
+            uns = {"scinv_normalize": {**record, "hvg": {k: ("" if v is None else v) for k, v in record["hvg"].items()}}}
+            if reference_genes is None:
+                pca = fit_pca(f, n_pcs, seed)
+                _replace(f, "obsm", {"X_pca": pca.pop("X_pca")})
+                _replace(f, "varm", {"PCs": pca.pop("PCs")})
+                uns["pca"] = pca
+            _replace(f, "uns", uns)
         os.replace(merged, final)
     return summary, cells, record
+
+
+def _query_genes(samples: list[SampleFile], genes: pd.Index, max_missing: float) -> tuple[pd.DataFrame, dict]:
+    """var on the model's genes (fraction of samples having each) and the missing genes per sample; stops above `max_missing`."""
+    has = np.stack([genes.isin(s.var.index) for s in samples])
+    names = [str(s.obs["sample"].iloc[0]) if "sample" in s.obs else s.path.name for s in samples]
+    for name, row, s in zip(names, has, samples):
+        check_missing_genes(1.0 - row.mean(), int((~row).sum()), len(genes), f"sample '{name}' ({s.path.name})", max_missing)
+    missing = {name: int((~row).sum()) for name, row in zip(names, has)}
+    if any(missing.values()):
+        log.warning("genes of the model missing from the query, zero-filled: %s", ", ".join(f"{n}: {m}" for n, m in missing.items() if m))
+    var = pd.DataFrame({"fraction_of_samples_with_gene": has.mean(axis=0)}, index=genes)
+    return var, {"flavor": "reference", "missing_genes_per_sample": missing, "max_missing_fraction": float(1.0 - has.mean(axis=1).min())}
 
 
 def _replace(f: h5py.File, key: str, value) -> None:
@@ -157,7 +188,12 @@ def _write_piece(sample: SampleFile, genes: pd.Index, hvgs: pd.Index, target_sum
     sc.pp.normalize_total(adata, target_sum=target_sum)  # size factors over all kept genes, as before
     sc.pp.log1p(adata)
     columns = genes.get_indexer(hvgs)
-    piece = ad.AnnData(X=adata.X[:, columns], obs=adata.obs, var=pd.DataFrame(index=hvgs), layers={"counts": counts[:, columns]})
+    if (columns >= 0).all():
+        X, counts = adata.X[:, columns], counts[:, columns]
+    else:  # query mapping: the model's genes this sample lacks are zero columns
+        select = gene_selector(genes, hvgs)
+        X, counts = sp.csr_matrix(adata.X @ select), sp.csr_matrix(counts @ select)
+    piece = ad.AnnData(X=X, obs=adata.obs, var=pd.DataFrame(index=hvgs), layers={"counts": counts})
     for col, cats in categories.items():
         if col in piece.obs:
             piece.obs[col] = pd.Categorical(piece.obs[col].astype(str), categories=cats)

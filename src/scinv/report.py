@@ -174,6 +174,55 @@ def _prediction_section(adata, label_key: str, batch_key: str, transfer: pd.Data
     return body
 
 
+def _mapping_section(adata, reference: pd.DataFrame | None, label_key: str | None, unknown_label: str) -> str:
+    """Query mapped onto a trained model: the query on the reference UMAP, labels and novelty per sample."""
+    obs = adata.obs
+    by = "sample" if "sample" in obs else None
+    info = adata.uns.get("scinv_novelty", {})
+    threshold = float(info.get("threshold", np.nan))
+    body = (
+        f"<p>{adata.n_obs} query cells mapped onto a trained model (its weights frozen; only the new batches' "
+        f"prior weights trained). Novelty score: mean invariant-latent distance to the 15 nearest reference cells; "
+        f"cells above {threshold:.3f} (learned on the reference: the {float(info.get('quantile', np.nan)):.0%} quantile of held-out "
+        f"reference cells scored against the other batches, at least {float(info.get('type_gap_fraction', np.nan)):.2f} of the "
+        f"gap between the two closest reference types) are predicted 'unknown': {int(obs['scinv_novel'].sum())} cells "
+        f"({float(obs['scinv_novel'].mean()):.1%}).</p>"
+    )
+    if reference is not None and "X_umap_reference" in adata.obsm and "umap_1" in reference:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+        ref_xy = reference[["umap_1", "umap_2"]].to_numpy()
+        xy = adata.obsm["X_umap_reference"]
+        first = ("scinv_prediction", "predicted label") if "scinv_prediction" in obs else ("sample" if by else "scinv_novel", "sample")
+        for ax, (column, title) in zip(axes, (first, ("scinv_novel", "called novel"))):
+            ax.scatter(ref_xy[:, 0], ref_xy[:, 1], s=2, c="#dddddd", rasterized=True, label="reference")
+            _scatter_by(ax, xy, obs[column].astype(str), f"query on the reference UMAP: {title}")
+        fig.tight_layout()
+        body += fig_to_img(fig, "query cells on the reference UMAP")
+    groups = obs[by].astype(str) if by else pd.Series("query", index=obs.index)
+    if "scinv_prediction" in obs:
+        body += "<h3>Predicted labels per sample</h3>" + table_html(pd.crosstab(groups, obs["scinv_prediction"].astype(str)), "{:.0f}")
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * groups.nunique() + 2), 3.5))
+    names = sorted(groups.unique())
+    ax.boxplot([obs.loc[groups == g, "scinv_novelty"].to_numpy() for g in names], showfliers=True, flierprops={"markersize": 2})
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=8)
+    ax.axhline(threshold, color="tab:red", linestyle="--", label="threshold")
+    ax.set_ylabel("novelty score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    body += "<h3>Novelty per sample</h3>" + fig_to_img(fig, "novelty score per sample")
+    if label_key and label_key in obs and "scinv_prediction" in obs:
+        cells = ~unlabelled(obs[label_key], unknown_label)
+        if cells.any():
+            truth, pred = obs.loc[cells, label_key].astype(str), obs.loc[cells, "scinv_prediction"].astype(str)
+            known = obs.loc[cells, "scinv_prediction_known_types"].astype(str)
+            body += "<h3>Transfer to the query (its labels were never read by the mapping)</h3>" + confusion_figure(truth, pred)
+            body += (
+                f"<p>Accuracy on {len(truth)} labelled query cells: {float((truth == pred).mean()):.3f} with novel calls "
+                f"('unknown' counts as wrong), {float((truth == known).mean()):.3f} for the predictor alone (every cell a known type).</p>"
+            )
+    return body
+
+
 def build_report(
     adata,
     qc_obs: pd.DataFrame | None,
@@ -189,8 +238,12 @@ def build_report(
     label_transfer: pd.DataFrame | None = None,
     heldout_batches: list[str] | None = None,
     unknown_label: str = "Unknown",
+    reference: pd.DataFrame | None = None,
 ) -> str:
-    """Return the full HTML text. Cells labelled `unknown_label` count as unlabelled."""
+    """Return the full HTML text. Cells labelled `unknown_label` count as unlabelled.
+
+    `reference`: the model's reference sample (scinv.mapping.REFERENCE_FILE), for a mapped query.
+    """
     sections: list[tuple[str, str]] = []
     colour_keys = [k for k in [batch_key, label_key, *extra_keys] if k]
     overview = pd.DataFrame(
@@ -217,6 +270,11 @@ def build_report(
     used = hv.get("hvg", {}).get("flavor") or hv.get("flavor", "?")
     batch_key_used = html.escape(str(hv.get("batch_key", "?")))
     hv_text = f"{adata.n_vars} highly variable genes ({html.escape(str(used))}, batch key {batch_key_used}); the model is trained on their raw counts."
+    if used == "reference":
+        missing = hv.get("hvg", {}).get("missing_genes_per_sample", {})
+        hv_text = f"The reference model's {adata.n_vars} genes; genes a sample lacked were zero-filled: " + (
+            ", ".join(f"{html.escape(str(k))}: {int(v)}" for k, v in missing.items()) or "none"
+        )
     if hv.get("hvg", {}).get("fallback"):
         hv_text += f"</p><p class='warn'>Warning: {html.escape(str(hv['hvg']['fallback']))}."
     if "highly_variable_nbatches" in adata.var:
@@ -244,7 +302,9 @@ def build_report(
             "(batch = mean of BRAS and graph connectivity).</p>"
         )
         sections.append(("Integration metrics (scIB)", scib_figure(metrics) + table_html(metrics) + note))
-    if label_key and "scinv_prediction" in adata.obs and label_key in adata.obs:
+    if "scinv_novelty" in adata.obs:
+        sections.append(("Query mapping", _mapping_section(adata, reference, label_key, unknown_label)))
+    elif label_key and "scinv_prediction" in adata.obs and label_key in adata.obs:
         sections.append(("Label prediction", _prediction_section(adata, label_key, batch_key, label_transfer, heldout_batches or [], unknown_label)))
     if versions:
         sections.append(("Software versions", f"<pre>{html.escape(versions)}</pre>"))

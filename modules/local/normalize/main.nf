@@ -1,6 +1,7 @@
 /*
  * Gather: the samples' kept cells and genes merged on disk, batch-aware HVGs by map-reduce,
  * normalize_total + log1p, PCA; one sample (or batch) in memory at a time (scinv.gather).
+ * With a reference model (query mapping): the model's genes instead of HVGs, no PCA.
  */
 process NORMALIZE {
     tag "$meta.id"
@@ -8,6 +9,7 @@ process NORMALIZE {
 
     input:
     tuple val(meta), path(samples, stageAs: 'samples/*')
+    path reference_model  // a trained model directory, or [] to select HVGs
 
     output:
     tuple val(meta), path("${prefix}_normalized.h5ad")  , emit: h5ad
@@ -21,11 +23,13 @@ process NORMALIZE {
     script:
     def args = task.ext.args ?: ''
     prefix   = task.ext.prefix ?: "${meta.id}"
+    def ref  = reference_model ? "--reference-model ${reference_model}" : ''
     """
     scinv_normalize.py \\
         --output ${prefix}_normalized.h5ad \\
         --summary ${prefix}_qc_summary.csv \\
         --cells ${prefix}_qc_cells.parquet \\
+        ${ref} \\
         ${args} \\
         ${samples}
 

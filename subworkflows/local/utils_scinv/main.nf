@@ -15,12 +15,14 @@ include { CHECK_INPUT } from '../../../modules/local/check_input/main'
  */
 workflow PIPELINE_INITIALISATION {
     take:
-    input        // string: --input, a samplesheet CSV or an .h5ad
-    annotations  // string or null: --annotations
+    input            // string: --input, a samplesheet CSV or an .h5ad
+    annotations      // string or null: --annotations
+    reference_model  // string or null: --reference_model (query mapping)
 
     main:
     validateParameters("${projectDir}/nextflow_schema.json")
     logLocalCaps()
+    def model_dir = reference_model ? checkReferenceModel(reference_model) : []
     def sheet = file(input, checkIfExists: true)
     checkSampleFiles(sheet)
     def ann = annotations ? file(annotations, checkIfExists: true) : []
@@ -30,7 +32,20 @@ workflow PIPELINE_INITIALISATION {
     emit:
     samples     = ch_samples                 // channel: [meta, counts]
     annotations = ann                        // file or []
+    reference   = model_dir                  // model directory or [] (train from scratch)
     versions    = CHECK_INPUT.out.versions   // channel: versions.yml
+}
+
+/*
+ * --reference_model must be a model directory a scinv run wrote (config.json and weights).
+ */
+def checkReferenceModel(String given) {
+    def dir = file(given)
+    if (!dir.exists()) error("ERROR: --reference_model ${given}: not found; pass the model folder of a scinv run (<outdir>/model/<run>_model)")
+    if (!dir.resolve('config.json').exists() || !dir.resolve('model.safetensors').exists()) {
+        error("ERROR: --reference_model ${given}: not a scinv model directory (needs config.json and model.safetensors); pass <outdir>/model/<run>_model of a scinv run")
+    }
+    return dir
 }
 
 /*
@@ -125,7 +140,10 @@ def validateParameters(String schemaPath) {
     if (params.heldout_batches && !params.label_key) {
         errors << "--heldout_batches needs --label_key (label transfer is scored against the labels)"
     }
-    if ((params.baselines ?: '').tokenize(',')*.trim().contains('scanvi') && !params.label_key) {
+    if (params.reference_model && (params.baselines || params.heldout_batches)) {
+        log.warn "--reference_model maps the query onto a trained model: --baselines and --heldout_batches are not used"
+    }
+    if (!params.reference_model && (params.baselines ?: '').tokenize(',')*.trim().contains('scanvi') && !params.label_key) {
         errors << "--baselines scanvi needs --label_key (scANVI trains on the labels); drop scanvi or give --label_key"
     }
     if (errors) {
