@@ -198,6 +198,6 @@ def test_reference_then_query_mapping_end_to_end(tmp_path, profile_test):
     assert query.obs["scinv_novel"].mean() < 0.02  # C149 has no type the reference lacks
 
     html = (query_out / "report" / "scinv_report.html").read_text()
-    assert "Query mapping" in html and "query on the reference UMAP" in html and "Transfer to the query" in html
+    assert "Query mapping" in html and "query cells on the reference UMAP" in html and "Transfer to the query" in html
     sizes, _ = render_in_chromium(query_out / "report" / "scinv_report.html", tmp_path)
     assert len(sizes) == html.count("data:image/png;base64,") >= 4
