@@ -42,7 +42,6 @@ NOVEL_LABEL = "unknown"
 # Query genes the model has but the query lacks are zero-filled, as scvi-tools' prepare_query_anndata
 # does; above this fraction the mapping stops (the encoder would read mostly invented zeros).
 MAX_MISSING_GENE_FRACTION = 0.25
-UMAP_NEIGHBORS = 15
 
 
 def align_genes(adata, genes: list[str], where: str, max_missing: float = MAX_MISSING_GENE_FRACTION):
@@ -94,8 +93,11 @@ class ReferenceSample:
     latent: np.ndarray
     obs: pd.DataFrame
     umap: np.ndarray | None
-    threshold: float
-    calibration: dict
+    calibration: dict  # calibrate_threshold's record
+
+    @property
+    def threshold(self) -> float:
+        return float(self.calibration["threshold"])
 
     def save(self, directory: str | Path) -> None:
         table = pd.DataFrame(self.latent, index=self.obs.index, columns=[f"inv_{i}" for i in range(self.latent.shape[1])])
@@ -114,7 +116,7 @@ class ReferenceSample:
         inv = [c for c in table.columns if c.startswith("inv_")]
         umap = table[["umap_1", "umap_2"]].to_numpy(np.float32) if "umap_1" in table else None
         obs = table[[c for c in table.columns if c not in inv and not c.startswith("umap_")]]
-        return cls(table[inv].to_numpy(np.float32), obs, umap, float(calibration["threshold"]), calibration)
+        return cls(table[inv].to_numpy(np.float32), obs, umap, calibration)
 
 
 def knn_distances(reference: np.ndarray, query: np.ndarray, k: int = NOVELTY_NEIGHBORS) -> tuple[np.ndarray, np.ndarray]:
@@ -196,16 +198,18 @@ def place_on_reference_umap(reference: ReferenceSample, query_latent: np.ndarray
     """(n_query, 2): each query cell at the mean UMAP position of its nearest reference cells."""
     if reference.umap is None:
         raise ScinvInputError("the model's reference sample has no UMAP")
-    idx, _ = knn_distances(reference.latent, query_latent, UMAP_NEIGHBORS)
+    from .export import N_NEIGHBORS
+
+    idx, _ = knn_distances(reference.latent, query_latent, N_NEIGHBORS)
     return reference.umap[idx].mean(axis=1)
 
 
 def reference_umap(latent: np.ndarray, seed: int = 0) -> np.ndarray:
-    """(n, 2) UMAP of the reference latents (scanpy's neighbours + UMAP, as EXPORT)."""
+    """(n, 2) UMAP of the reference latents, fitted on all of them as EXPORT fits its UMAPs."""
     import anndata as ad
-    import scanpy as sc
+
+    from .export import umap
 
     sub = ad.AnnData(obsm={"X": np.asarray(latent, np.float32)}, shape=(len(latent), 0))
-    sc.pp.neighbors(sub, use_rep="X", n_neighbors=UMAP_NEIGHBORS, random_state=seed)
-    sc.tl.umap(sub, random_state=seed)
-    return sub.obsm["X_umap"].astype(np.float32)
+    umap(sub, "X", "reference", seed, max_cells=0)
+    return sub.obsm["X_umap_reference"].astype(np.float32)

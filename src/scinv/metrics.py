@@ -42,14 +42,12 @@ def exact_neighbors(X: np.ndarray, k: int):
     Replaces scib-metrics' default pynndescent: exact, and 5-6x faster at 50k cells x 20-50 dims
     on 2 cores (measured: 2.8 s vs 17 s per embedding).
     """
-    import faiss
     from scib_metrics.nearest_neighbors import NeighborsResults
 
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    index = faiss.IndexFlatL2(X.shape[1])
-    index.add(X)
-    dist2, idx = index.search(X, k)
-    return NeighborsResults(indices=idx.astype(np.int64), distances=np.sqrt(np.maximum(dist2, 0)))
+    from .mapping import knn_distances
+
+    idx, dist = knn_distances(X, X, k)
+    return NeighborsResults(indices=idx.astype(np.int64), distances=dist)
 
 
 def kmeans_nmi_ari(X: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[float, float]:

@@ -253,7 +253,7 @@ class InVAE:
         known = np.where(subset.labels >= 0, labels, "").astype(str)
         calibration = calibrate_threshold(latent, obs["batch"].to_numpy(), calibration, known)
         calibration["sample_cells"] = int(len(cells))
-        self.reference = ReferenceSample(latent, obs, reference_umap(latent, seed) if umap else None, calibration["threshold"], calibration)
+        self.reference = ReferenceSample(latent, obs, reference_umap(latent, seed) if umap else None, calibration)
         progress(
             f"reference sample: {len(cells):,} cells; novelty threshold {calibration['threshold']:.3f} "
             f"({calibration['quantile']:.0%} of {calibration['calibration_cells']:,} held-out cells scored against the other batches)"

@@ -173,7 +173,7 @@ def validate_input(
             adata = _join_annotations(adata, Path(annotations), unknown_label)
         check_obs_keys(adata, keys, where)
         prepare_covariates(adata, batch_key, label_key, unknown_label, where)
-        _require_two_batches(adata.obs[batch_key], batch_key, where, min_batches)
+        _require_batches(adata.obs[batch_key], batch_key, where, min_batches)
         return _split_by_sample(adata, Path(split_dir or "."), batch_key)
     if not (path.suffix.lower() in (".csv", ".tsv", ".txt") or not path.suffix):
         raise ScinvInputError(f"{where}: input must be a samplesheet .csv or an .h5ad file")
@@ -187,13 +187,13 @@ def validate_input(
         if key and key not in columns:
             raise ScinvInputError(f"{where}: obs column '{key}' not found (available: {columns}); fix the parameter or samplesheet")
     sheet[batch_key] = _batch_values(sheet[batch_key], batch_key, where).to_numpy()
-    _require_two_batches(sheet[batch_key], batch_key, where, min_batches)
+    _require_batches(sheet[batch_key], batch_key, where, min_batches)
     sheet.insert(2, "shown_path", [sheet.attrs["shown"][p] for p in sheet["path"]])
     sheet.insert(3, "keep_obs", False)
     return sheet
 
 
-def _require_two_batches(batches: pd.Series, batch_key: str, where: str, min_batches: int = 2) -> None:
+def _require_batches(batches: pd.Series, batch_key: str, where: str, min_batches: int = 2) -> None:
     if batches.nunique() < min_batches:  # refused here, in seconds, rather than by METRICS/baselines after training
         raise ScinvInputError(
             f"{where}: only one batch in column '{batch_key}'; integration needs two or more. "

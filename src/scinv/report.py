@@ -189,11 +189,12 @@ def _mapping_section(adata, reference: pd.DataFrame | None, label_key: str | Non
         f"({float(obs['scinv_novel'].mean()):.1%}).</p>"
     )
     if reference is not None and "X_umap_reference" in adata.obsm and "umap_1" in reference:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+        panels = [("scinv_prediction", "predicted label")] if "scinv_prediction" in obs else []
+        panels.append(("scinv_novel", "called novel"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
         ref_xy = reference[["umap_1", "umap_2"]].to_numpy()
         xy = adata.obsm["X_umap_reference"]
-        first = ("scinv_prediction", "predicted label") if "scinv_prediction" in obs else ("sample" if by else "scinv_novel", "sample")
-        for ax, (column, title) in zip(axes, (first, ("scinv_novel", "called novel"))):
+        for ax, (column, title) in zip(axes[0], panels):
             ax.scatter(ref_xy[:, 0], ref_xy[:, 1], s=2, c="#dddddd", rasterized=True, label="reference")
             _scatter_by(ax, xy, obs[column].astype(str), f"query on the reference UMAP: {title}")
         fig.tight_layout()
