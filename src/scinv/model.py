@@ -423,7 +423,8 @@ class InVAE:
         query_model.adata = query
         query_model.reference = self.reference
         query_model._data = query_model.registry.encode(query, "query", use_labels=use_labels)
-        module = query_model.module
+        # on the training device before the gradient masks are made, so masks and gradients share it
+        module = query_model.module.to(query_model.device)
         for p in module.parameters():
             p.requires_grad_(False)
         trainable = list(module.encoder.parameters()) if fine_tune_encoder else []
