@@ -97,7 +97,7 @@ class TrainingConfig:
     lr_factor: float = option(0.5, "Factor of each learning-rate reduction.", cli=False)
     min_delta: float = option(0.0, "Smallest validation-loss decrease that counts as improvement.", cli=False)
     seed: int = option(0, "Random seed (training, and every other step of the pipeline).", pipeline=True, minimum=0)
-    mixed_precision: bool = option(True, "bfloat16 for the wide layers where the device runs it natively.", cli=False)
+    mixed_precision: bool = option(True, "bfloat16 for the wide layers on CPUs with native bf16 (on CUDA it measured slower and is not used).", cli=False)
     checkpoint_dir: str | None = option(None, "Where to keep resumable checkpoints, local or s3:// (a restarted training task resumes from it).", pipeline=True)
     checkpoint_every: int = option(10, "Checkpoint every N epochs (with checkpoint_dir).", pipeline=True, minimum=1)
     log_every: int = option(1, "Log progress every N epochs.", cli=False)

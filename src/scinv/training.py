@@ -98,9 +98,11 @@ def keep_freed_memory_for_reuse() -> None:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """bf16 matmuls pay off on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX): ~2x."""
-    if device.type == "cuda":
-        return True
+    """Whether bf16 wide layers pay off: on CPUs with native bf16 (AVX512-BF16 or AMX), ~2x. Not on
+    CUDA: a step there is bound by kernel launches, not matmuls, and the casts cost more than they
+    save (H200, 2,000 genes: 0.82x at batch 256, 0.93x at 1,024, 0.91x at 4,096; docs/benchmarks.md)."""
+    if device.type != "cpu":
+        return False
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # older torch
