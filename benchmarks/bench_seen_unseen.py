@@ -12,7 +12,8 @@ prints, for three groups of cells:
 the median within-type spread of z_inv (RMS distance to the group's type mean), the offset of the
 group's type means from the training cells' type means, the label silhouette, and k-means ARI/NMI
 (k = number of types in the group). A model that generalises gives the three groups about the same
-figures. `--variant name:option=value,...` adds runs with other scinv options.
+figures. The unintegrated PCA is scored on the same groups for reference. `--variant
+name:option=value,...` adds runs with other scinv options.
 
     .venv/bin/python benchmarks/bench_seen_unseen.py --dataset kang --heldout donor_107 --seed 0
 """
@@ -87,6 +88,10 @@ def main() -> None:
         table.insert(0, "run", name)
         tables.append(table)
         print(table.round(3).to_string(index=False), flush=True)
+        if name == "scinv":  # the unintegrated PCA on the same three groups: no training, so no gap
+            pca = group_figures(np.asarray(adata.obsm["X_pca"], np.float32), types, group)
+            pca.insert(0, "run", "PCA")
+            tables.append(pca)
     print(f"\n{args.dataset}, {heldout} held out, seed {args.seed}")
     print(pd.concat(tables).round(3).to_string(index=False))
 
