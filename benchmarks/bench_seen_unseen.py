@@ -42,16 +42,17 @@ def group_figures(z: np.ndarray, types: np.ndarray, group: np.ndarray) -> pd.Dat
     rows = []
     for g in ("train", "validation", "heldout"):
         s = group == g
-        present = [t for t in np.unique(types[s]) if (s & (types == t)).sum() >= 10]
-        spread = [np.sqrt(((z[s & (types == t)] - z[s & (types == t)].mean(0)) ** 2).sum(1).mean()) for t in present]
-        offset = [np.linalg.norm(z[s & (types == t)].mean(0) - train_means[t]) for t in present if t in train_means]
-        clusters = KMeans(len(np.unique(types[s])), n_init=10, random_state=0).fit_predict(z[s])
+        members = {t: s & (types == t) for t in np.unique(types[s])}
+        means = {t: z[m].mean(0) for t, m in members.items() if m.sum() >= 10}  # types with enough cells for a spread
+        spread = [np.sqrt(((z[members[t]] - mean) ** 2).sum(1).mean()) for t, mean in means.items()]
+        offset = [np.linalg.norm(mean - train_means[t]) for t, mean in means.items() if t in train_means]
+        clusters = KMeans(len(members), n_init=10, random_state=0).fit_predict(z[s])
         rows.append(
             {
                 "cells": g,
                 "n": int(s.sum()),
-                "spread": np.median(spread),
-                "offset": np.median(offset),
+                "spread": float(np.median(spread)),
+                "offset": float(np.median(offset)),
                 "silhouette_label": silhouette_label(z[s], types[s]),
                 "ARI": adjusted_rand_score(types[s], clusters),
                 "NMI": normalized_mutual_info_score(types[s], clusters),
