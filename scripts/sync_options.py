@@ -68,13 +68,22 @@ def replace_block(text: str, lines: list[str], where: Path) -> str:
     return text[: match.start()] + block + text[match.end() :]
 
 
+def argument_helper(cls, f) -> str:
+    """The conf/modules.config function that renders the option: flag() for Click's on/off flags, which take no value."""
+    return "flag" if value_type(f, cls) is bool else "opt"
+
+
+def param_value(f) -> str:
+    return NEXTFLOW_VALUES.get(flag_name(f), "params." + flag_name(f))
+
+
 def rendered() -> dict[Path, str]:
     schema = json.loads(SCHEMA.read_text())
     schema["$defs"]["model_options"]["properties"] = schema_properties()
     names = [flag_name(f) for _, f in pipeline_fields()]
     width = max(25, max(len(n) for n in names) + 1)  # the column of the other params
     defaults = [f"{flag_name(f):<{width}}= {groovy(f.default)}" for _, f in pipeline_fields()]
-    args = [f"opt('--{flag_name(f).replace('_', '-')}', {NEXTFLOW_VALUES.get(flag_name(f), 'params.' + flag_name(f))})," for _, f in pipeline_fields()]
+    args = [f"{argument_helper(cls, f)}('--{flag_name(f).replace('_', '-')}', {param_value(f)})," for cls, f in pipeline_fields()]
     return {
         SCHEMA: json.dumps(schema, indent=4, ensure_ascii=False) + "\n",
         NEXTFLOW_CONFIG: replace_block(NEXTFLOW_CONFIG.read_text(), defaults, NEXTFLOW_CONFIG),

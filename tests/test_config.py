@@ -18,6 +18,18 @@ def test_pipeline_files_are_generated_from_the_dataclasses():
     assert res.returncode == 0, res.stderr
 
 
+def test_boolean_pipeline_options_reach_the_cli_as_on_off_flags():
+    """A boolean param becomes --name / --no-name (Click flags take no value), through flag() in modules.config."""
+    text = (ROOT / "conf" / "modules.config").read_text()
+    options = train_cli_options()
+    booleans = [f for cls in CONFIGS for f in exposed(cls, "pipeline") if isinstance(f.default, bool)]
+    assert booleans  # invariance_on_unlabelled at least
+    for f in booleans:
+        dashed = flag_name(f).replace("_", "-")
+        assert f"flag('--{dashed}', params.{flag_name(f)})" in text
+        assert options[f.name].is_flag and options[f.name].secondary_opts == [f"--no-{dashed}"]
+
+
 def train_cli_options() -> dict[str, click.Option]:
     module = {}
     exec(compile((ROOT / "bin" / "scinv_train.py").read_text(), "scinv_train.py", "exec"), module)
