@@ -102,7 +102,7 @@ def test_invariance_weight_penalises_batch_differences_of_z_inv_within_labels(da
 
 
 def test_invariance_weighs_cells_without_a_label_by_the_joint_classifier(data):
-    module = make_model(data, invariance_weight=1.0, invariance_on_unlabelled=True).module.eval()
+    module = make_model(data, invariance_weight=1.0, invariance_on_unlabelled=True, invariance_confidence=0.0).module.eval()
     qm, label = torch.randn(4, 4), torch.tensor([0, 2, -1, -1])
     weights = module.invariance_label_weights(qm, label)
     assert torch.equal(weights[:2], torch.eye(3)[[0, 2]])
@@ -110,6 +110,22 @@ def test_invariance_weighs_cells_without_a_label_by_the_joint_classifier(data):
         assert torch.allclose(weights[2:], torch.softmax(module.classifier(qm[2:]), dim=-1))
     module.invariance_on_unlabelled = False  # labelled cells only
     assert torch.equal(module.invariance_label_weights(qm, label)[2:], torch.zeros(2, 3))
+
+
+def test_invariance_confidence_keeps_only_confident_predictions_as_hard_labels(data):
+    module = make_model(data, invariance_weight=1.0, invariance_on_unlabelled=True, invariance_confidence=0.9).module.eval()
+    with torch.no_grad():  # logits = 10 * the first three latent dimensions
+        module.classifier.net.weight.copy_(10 * torch.eye(3, 4))
+        module.classifier.net.bias.zero_()
+    qm = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.1, 0.1, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    label = torch.tensor([0, -1, -1, -1])
+    weights = module.invariance_label_weights(qm, label)
+    assert torch.equal(weights[0], torch.eye(3)[0])  # a known label stays whatever the classifier says
+    assert torch.equal(weights[1], torch.eye(3)[1])  # p = 0.9999: its hard label
+    assert torch.equal(weights[2], torch.zeros(3))  # p = 0.42: left out
+    assert torch.equal(weights[3], torch.eye(3)[2])
+    module.invariance_confidence = 0.0  # soft weights for every cell, as before
+    assert float(module.invariance_label_weights(qm, label)[2].sum()) == pytest.approx(1.0)
 
 
 def test_sampled_kl_trains_and_agrees_with_the_analytic_kl_on_average(data, prior_models):

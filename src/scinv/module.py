@@ -119,6 +119,7 @@ class InVAEModule(nn.Module):
         invariance_weight: float = 0.0,
         invariance_on_unlabelled: bool = False,
         prior_family: str = "gaussian",
+        invariance_confidence: float = 0.0,
     ):
         super().__init__()
         if kl_estimator not in ("analytic", "sample"):
@@ -126,6 +127,7 @@ class InVAEModule(nn.Module):
         if prior_family not in PRIOR_FAMILIES:
             raise ValueError(f"prior_family must be one of {PRIOR_FAMILIES}, got {prior_family!r}")
         self.prior_family = prior_family
+        self.invariance_confidence = invariance_confidence
         self.n_genes, self.n_labels = n_genes, n_labels
         self.n_latent_inv, self.n_latent_spur = n_latent_inv, n_latent_spur
         self.kl_estimator, self.tc_weight = kl_estimator, tc_weight
@@ -288,14 +290,20 @@ class InVAEModule(nn.Module):
         return (n_ke * ((mean_ke - mean_k[:, None, :]) ** 2).sum(-1)).sum() / total
 
     def invariance_label_weights(self, qm_inv: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """(B, K): one-hot known labels; for unknown ones the jointly trained classifier's predicted
-        probabilities (detached: they weigh the cells, the penalty does not train the classifier)
-        when `invariance_on_unlabelled` and there is a classifier, else zeros."""
+        """(B, K): one-hot known labels. For unknown ones, when `invariance_on_unlabelled` and there
+        is a classifier: the classifier's one-hot label where its probability is at least
+        `invariance_confidence` (zeros elsewhere), or with `invariance_confidence` 0 its predicted
+        probabilities; else zeros. Detached: they weigh the cells, the penalty does not train the
+        classifier. The threshold keeps cells the classifier is unsure of, which are the ones most
+        often wrong, from being pulled towards another label's cells (measured in docs/benchmarks.md)."""
         known = (label >= 0).unsqueeze(-1)
         weights = F.one_hot(label.clamp_min(0), self.n_labels).to(qm_inv.dtype) * known
         if self.invariance_on_unlabelled and self.classifier is not None and not bool(known.all()):
             with torch.no_grad():
                 predicted = torch.softmax(self.classifier(qm_inv), dim=-1)
+                if self.invariance_confidence > 0:
+                    top, arg = predicted.max(-1)
+                    predicted = F.one_hot(arg, self.n_labels).to(qm_inv.dtype) * (top >= self.invariance_confidence).unsqueeze(-1)
             weights = torch.where(known, weights, predicted)
         return weights
 
