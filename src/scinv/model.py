@@ -181,10 +181,10 @@ class InVAE:
             covariate_dropout=h["covariate_dropout"],
             classifier_weight=h.get("classifier_weight", 0.0),
             invariance_weight=h.get("invariance_weight", 0.0),
-            # models saved before these options existed trained on labelled cells only
             invariance_on_unlabelled=h.get("invariance_on_unlabelled", False),
-            prior_family=h.get("prior_family", "gaussian"),
+            # models saved before the threshold existed weighed unlabelled cells by soft probabilities
             invariance_confidence=h.get("invariance_confidence", 0.0),
+            prior_family=h.get("prior_family", "gaussian"),
         )
 
     @property

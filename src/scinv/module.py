@@ -118,8 +118,8 @@ class InVAEModule(nn.Module):
         classifier_weight: float = 0.0,
         invariance_weight: float = 0.0,
         invariance_on_unlabelled: bool = False,
-        prior_family: str = "gaussian",
         invariance_confidence: float = 0.0,
+        prior_family: str = "gaussian",
     ):
         super().__init__()
         if kl_estimator not in ("analytic", "sample"):
@@ -127,7 +127,6 @@ class InVAEModule(nn.Module):
         if prior_family not in PRIOR_FAMILIES:
             raise ValueError(f"prior_family must be one of {PRIOR_FAMILIES}, got {prior_family!r}")
         self.prior_family = prior_family
-        self.invariance_confidence = invariance_confidence
         self.n_genes, self.n_labels = n_genes, n_labels
         self.n_latent_inv, self.n_latent_spur = n_latent_inv, n_latent_spur
         self.kl_estimator, self.tc_weight = kl_estimator, tc_weight
@@ -135,6 +134,7 @@ class InVAEModule(nn.Module):
         self.covariate_dropout = covariate_dropout
         self.classifier_weight = classifier_weight
         self.invariance_weight, self.invariance_on_unlabelled = invariance_weight, invariance_on_unlabelled
+        self.invariance_confidence = invariance_confidence
         # scANVI-style auxiliary classifier: labels as targets of z_inv (never as encoder inputs)
         # keep the invariant latent label-informative where the counts carry weak type signal
         self.classifier = InvariantClassifier(n_latent_inv, n_labels, 0) if (classifier_weight > 0 and n_labels > 1) else None
