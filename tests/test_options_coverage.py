@@ -1,5 +1,5 @@
 """Options no other test exercised, each through the real model or the real step script:
-tc_weight, invariance_weight, kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT
+tc_weight, kl_inv_weight, invariance_weight, kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT
 --cellxgene, and CHECK_INPUT's errors for a bad --annotations file."""
 
 import copy
@@ -48,11 +48,11 @@ def same_weights_with(model, **hparams):
     return InVAE.from_state(config, model._state_dict())
 
 
-def loss_terms(record: dict, prefix: str, kl_weight: float, classifier_weight: float, invariance_weight: float) -> float:
+def loss_terms(record: dict, prefix: str, kl_weight: float, classifier_weight: float, invariance_weight: float, kl_inv_weight: float) -> float:
     """What the loss is made of besides the total-correlation penalty."""
     r = {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
     other = classifier_weight * r["classification"] + invariance_weight * r["invariance"] + r.get("score_matching", 0.0)
-    return r["reconstruction"] + kl_weight * (r["kl_inv"] + r["kl_spur"]) + other
+    return r["reconstruction"] + kl_weight * (kl_inv_weight * r["kl_inv"] + r["kl_spur"]) + other
 
 
 # -- model options -------------------------------------------------------------------------------------
@@ -69,11 +69,26 @@ def test_tc_weight_adds_the_weighted_total_correlation_to_the_loss_and_changes_t
             tc = h[f"{prefix}tc"]
             assert np.isfinite(tc) and tc > 0.05, h
             # loss = the other terms + tc_weight * tc (the term is in the objective, with its weight)
-            terms = loss_terms(h, prefix, kl_weight, cw, penalised.hparams["invariance_weight"])
+            terms = loss_terms(h, prefix, kl_weight, cw, penalised.hparams["invariance_weight"], penalised.hparams["kl_inv_weight"])
             assert h[f"{prefix}loss"] == pytest.approx(terms + 2.5 * tc, rel=1e-5, abs=1e-3), h
     # same seed, same data: the penalty alone makes the two runs differ
     z_plain, z_penalised = plain.get_latent_representation(data, "full"), penalised.get_latent_representation(data, "full")
     assert np.abs(z_plain - z_penalised).max() > 1e-3
+
+
+def test_kl_inv_weight_scales_the_invariant_kl_and_keeps_variation_within_labels(data):
+    """beta < 1 on z_inv's KL: the loss holds beta * kl_inv, and z_inv uses more of its posterior
+    (a larger KL to the label prior) than at beta 1, where it shrinks towards the label means."""
+    full, light = make_model(data, kl_inv_weight=1.0), make_model(data, kl_inv_weight=0.1)
+    for model in (full, light):
+        model.train(max_epochs=20, **FAST)
+    h = light.history[-1]
+    for prefix, kl_weight in (("train_", h["kl_weight"]), ("validation_", 1.0)):
+        terms = loss_terms(h, prefix, kl_weight, light.hparams["classifier_weight"], light.hparams["invariance_weight"], 0.1)
+        assert h[f"{prefix}loss"] == pytest.approx(terms, rel=1e-5, abs=1e-3), h
+    assert light.history[-1]["validation_kl_inv"] > 1.5 * full.history[-1]["validation_kl_inv"], (light.history[-1], full.history[-1])
+    reloaded = InVAE.from_state(light._config(), light._state_dict())
+    assert reloaded.module.kl_inv_weight == 0.1
 
 
 def within_label_batch_scatter(model, adata) -> float:
@@ -96,7 +111,7 @@ def test_invariance_weight_penalises_batch_differences_of_z_inv_within_labels(da
     cw = penalised.hparams["classifier_weight"]
     assert all(h["train_invariance"] == 0 for h in plain.history)
     h = penalised.history[-1]
-    assert h["train_loss"] == pytest.approx(loss_terms(h, "train_", h["kl_weight"], cw, 50.0), rel=1e-5, abs=1e-3)
+    assert h["train_loss"] == pytest.approx(loss_terms(h, "train_", h["kl_weight"], cw, 50.0, penalised.hparams["kl_inv_weight"]), rel=1e-5, abs=1e-3)
     before, after = within_label_batch_scatter(plain, shifted), within_label_batch_scatter(penalised, shifted)
     assert after < 0.5 * before, (before, after)
 

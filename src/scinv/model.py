@@ -106,6 +106,9 @@ class InVAE:
         exponential-family prior for z_inv fitted by score matching with the exact Hessian
         diagonal; `prior_mode` then applies to the spurious prior only; reported kl_inv is up to
         the prior's log-normaliser).
+    kl_inv_weight
+        Weight of the invariant latent's KL term (beta). Below 1, z_inv keeps variation within each
+        label instead of collapsing onto the label prior's means on the training cells.
     invariance_weight
         Weight of the penalty on batch differences of z_inv within each label, on labelled cells
         (:meth:`scinv.module.InVAEModule.batch_invariance`): the invariant prior assumes z_inv
@@ -175,6 +178,7 @@ class InVAE:
             batch_norm=h["batch_norm"],
             prior_mode=h["prior_mode"],
             kl_estimator=h["kl_estimator"],
+            kl_inv_weight=h.get("kl_inv_weight", 1.0),
             tc_weight=h["tc_weight"],
             label_frequencies=label_frequencies,
             encode_covariates=h["encode_covariates"],
