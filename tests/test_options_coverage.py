@@ -116,6 +116,35 @@ def test_invariance_weight_penalises_batch_differences_of_z_inv_within_labels(da
     assert after < 0.5 * before, (before, after)
 
 
+def test_mmd_invariance_sees_batch_differences_in_spread_that_the_mean_penalty_misses():
+    gen = torch.Generator().manual_seed(0)
+    n = 600
+    label, env = torch.arange(n) % 3, (torch.arange(n) // 3) % 2
+    weights = torch.nn.functional.one_hot(label, 3).float()
+    z = torch.randn(n, 4, generator=gen) + 4.0 * label[:, None]
+    wide = z.clone()  # batch 1 twice as spread within each label, around the same means
+    wide[env == 1] = 4.0 * label[env == 1, None] + 2.0 * (z[env == 1] - 4.0 * label[env == 1, None])
+    mean_of, mmd_of = InVAEModule.batch_invariance, InVAEModule.batch_invariance_mmd
+    assert abs(float(mmd_of(z, weights, env))) < 0.01  # one distribution: the unbiased estimate is ~0
+    assert float(mmd_of(wide, weights, env)) > 10 * abs(float(mmd_of(z, weights, env)))
+    # the mean penalty sees only the sampling noise of the means in both
+    assert float(mean_of(wide, weights, env)) < 4 * float(mean_of(z, weights, env)) + 0.2
+    assert float(mmd_of(z, torch.zeros(n, 3), env)) == 0.0  # no labelled cells: no penalty
+
+
+def test_invariance_kernel_mmd_is_the_training_penalty_and_is_saved(data):
+    model = make_model(data, invariance_weight=30.0, invariance_kernel="mmd")
+    model.train(max_epochs=3, **FAST)
+    h = model.history[-1]
+    assert h["train_invariance"] > 0
+    assert h["train_loss"] == pytest.approx(
+        loss_terms(h, "train_", h["kl_weight"], model.hparams["classifier_weight"], 30.0, model.hparams["kl_inv_weight"]), rel=1e-5, abs=1e-3
+    )
+    assert InVAE.from_state(model._config(), model._state_dict()).module.invariance_kernel == "mmd"
+    with pytest.raises(ValueError, match="invariance_kernel"):
+        make_model(data, invariance_kernel="median")
+
+
 def test_invariance_weighs_cells_without_a_label_by_the_joint_classifier(data):
     module = make_model(data, invariance_weight=1.0, invariance_on_unlabelled=True, invariance_confidence=0.0).module.eval()
     qm, label = torch.randn(4, 4), torch.tensor([0, 2, -1, -1])

@@ -86,6 +86,14 @@ class ModelConfig:
         minimum=0,
         maximum=1,
     )
+    invariance_kernel: str = option(
+        "mean",
+        "Form of the invariance penalty: 'mean' (batch differences of z_inv's mean within each label) or 'mmd' "
+        "(kernel MMD between each batch and the rest of the label: spread and shape too; use with invariance_weight ~300). "
+        "Measured (docs/benchmarks.md, session 16): mmd at 300 raises batch correction by 0.05-0.09 and costs 0.01 of transfer.",
+        pipeline=True,
+        choices=("mean", "mmd"),
+    )
     prior_family: str = option(
         "gaussian",
         "Invariant prior: 'gaussian' (conditional Gaussian, prior_mode applies) or 'nf' (NFinVAE: non-factorised exponential family fitted by score matching).",

@@ -188,6 +188,7 @@ class InVAE:
             invariance_on_unlabelled=h.get("invariance_on_unlabelled", False),
             # models saved before the threshold existed weighed unlabelled cells by soft probabilities
             invariance_confidence=h.get("invariance_confidence", 0.0),
+            invariance_kernel=h.get("invariance_kernel", "mean"),
             prior_family=h.get("prior_family", "gaussian"),
         )
 

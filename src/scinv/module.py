@@ -51,7 +51,10 @@ from .nn.nb import (
 from .nn.predictor import InvariantClassifier, environment_risks, invariant_risk
 from .nn.priors import PRIOR_FAMILIES, PRIOR_MODES, ConditionalPrior, ExponentialFamilyPrior, score_matching_loss
 
+INVARIANCE_KERNELS = ("mean", "mmd")  # InVAEModule.batch_invariance, InVAEModule.batch_invariance_mmd
+
 __all__ = [
+    "INVARIANCE_KERNELS",
     "PLAIN_MATH_ENV",
     "PRIOR_FAMILIES",
     "PRIOR_MODES",
@@ -120,11 +123,14 @@ class InVAEModule(nn.Module):
         invariance_weight: float = 0.0,
         invariance_on_unlabelled: bool = False,
         invariance_confidence: float = 0.0,
+        invariance_kernel: str = "mean",
         prior_family: str = "gaussian",
     ):
         super().__init__()
         if kl_estimator not in ("analytic", "sample"):
             raise ValueError("kl_estimator must be 'analytic' or 'sample'")
+        if invariance_kernel not in INVARIANCE_KERNELS:
+            raise ValueError(f"invariance_kernel must be one of {INVARIANCE_KERNELS}, got {invariance_kernel!r}")
         if prior_family not in PRIOR_FAMILIES:
             raise ValueError(f"prior_family must be one of {PRIOR_FAMILIES}, got {prior_family!r}")
         self.prior_family = prior_family
@@ -136,7 +142,7 @@ class InVAEModule(nn.Module):
         self.covariate_dropout = covariate_dropout
         self.classifier_weight = classifier_weight
         self.invariance_weight, self.invariance_on_unlabelled = invariance_weight, invariance_on_unlabelled
-        self.invariance_confidence = invariance_confidence
+        self.invariance_confidence, self.invariance_kernel = invariance_confidence, invariance_kernel
         # scANVI-style auxiliary classifier: labels as targets of z_inv (never as encoder inputs)
         # keep the invariant latent label-informative where the counts carry weak type signal
         self.classifier = InvariantClassifier(n_latent_inv, n_labels, 0) if (classifier_weight > 0 and n_labels > 1) else None
@@ -291,6 +297,45 @@ class InVAEModule(nn.Module):
         mean_k = sum_ke.sum(1) / n_ke.sum(1).clamp_min(1e-8)[:, None]  # (K, D)
         return (n_ke * ((mean_ke - mean_k[:, None, :]) ** 2).sum(-1)).sum() / total
 
+    @staticmethod
+    def batch_invariance_mmd(z_inv: torch.Tensor, label_weights: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
+        """Distributional form of :meth:`batch_invariance` (scalar): for each label k and batch e, the
+        unbiased squared MMD between z_inv of (k, e) cells and of label k's cells in other batches,
+        weighted by n_ke n_k,not e / n_k and divided by the total weight. Shapes as in
+        :meth:`batch_invariance`. Gaussian kernels at 0.5, 1 and 2 times the mean squared distance
+        between cells of the same label (detached), averaged.
+
+        With a linear kernel this is the first-moment penalty; a characteristic kernel also sees
+        differences in spread and shape within a label, which a mean penalty leaves in z_inv.
+        """
+        total = label_weights.sum()
+        if total < 2:
+            return z_inv.new_zeros(())
+        e = F.one_hot(env, int(env.max()) + 1).to(z_inv.dtype)  # (B, E)
+        lw = label_weights.to(z_inv.dtype)
+        inside = (lw[:, :, None] * e[:, None, :]).flatten(1)  # (B, K*E): cells of (k, e)
+        outside = (lw[:, :, None] - lw[:, :, None] * e[:, None, :]).flatten(1)  # label k, other batches
+        n_in, n_out = inside.sum(0), outside.sum(0)
+        # only groups with two cells on each side have an unbiased estimate; at most B such columns
+        keep = (n_in >= 2) & (n_out >= 2)
+        if not bool(keep.any()):
+            return z_inv.new_zeros(())
+        inside, outside, n_in, n_out = inside[:, keep], outside[:, keep], n_in[keep], n_out[keep]
+        d2 = torch.cdist(z_inv, z_inv).pow(2)
+        # bandwidths at the spread within labels, the scale the penalty compares (detached)
+        same = lw @ lw.T
+        same = same - torch.diag_embed(same.diagonal())
+        scale = (d2.detach() * same).sum() / same.sum().clamp_min(1e-8)
+        kernel = sum(torch.exp(-d2 / (f * scale).clamp_min(1e-8)) for f in (0.5, 1.0, 2.0)) / 3
+        off = kernel - torch.diag_embed(kernel.diagonal())
+
+        def within(w, n):  # unbiased: pairs of distinct cells only
+            return (w * (off @ w)).sum(0) / (n * n - (w * w).sum(0)).clamp_min(1e-8)
+
+        cross = (inside * (kernel @ outside)).sum(0) / (n_in * n_out)
+        mmd = within(inside, n_in) + within(outside, n_out) - 2 * cross
+        return (n_in * n_out / (n_in + n_out) * mmd).sum() / total
+
     def invariance_label_weights(self, qm_inv: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """(B, K): one-hot known labels. For unknown ones, when `invariance_on_unlabelled` and there
         is a classifier: the classifier's one-hot label where its probability is at least
@@ -367,7 +412,8 @@ class InVAEModule(nn.Module):
         invariance = torch.zeros((), device=x.device)
         if self.invariance_weight > 0 and "env" in batch and self.n_labels > 1:
             qm_inv = qm[:, : self.n_latent_inv]
-            invariance = self.batch_invariance(qm_inv, self.invariance_label_weights(qm_inv, label), batch["env"])
+            penalty = self.batch_invariance_mmd if self.invariance_kernel == "mmd" else self.batch_invariance
+            invariance = penalty(qm_inv, self.invariance_label_weights(qm_inv, label), batch["env"])
             loss = loss + self.invariance_weight * invariance
         tc = torch.zeros_like(kl_inv)
         if self.tc_weight > 0 and self.n_latent_spur > 0 and self.n_latent_inv > 0:
