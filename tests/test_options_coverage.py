@@ -132,6 +132,24 @@ def test_mmd_invariance_sees_batch_differences_in_spread_that_the_mean_penalty_m
     assert float(mmd_of(z, torch.zeros(n, 3), env)) == 0.0  # no labelled cells: no penalty
 
 
+def test_mmd_invariance_never_rewards_spreading_a_batch():
+    """Cells of one distribution give unbiased MMD² estimates around 0, half of them negative; the
+    penalty clamps each group's at 0, so it is never negative and such a draw has no gradient
+    (minimising a negative estimate would push cells of one group apart)."""
+    gen = torch.Generator().manual_seed(0)
+    env, weights = torch.arange(12) % 2, torch.ones(12, 1)  # one label, two batches
+    values = []
+    for _ in range(40):
+        z = torch.randn(12, 3, generator=gen, requires_grad=True)
+        value = InVAEModule.batch_invariance_mmd(z, weights, env)
+        value.backward()
+        values.append(float(value.detach()))
+        assert values[-1] >= 0.0
+        if values[-1] == 0.0:
+            assert float(z.grad.abs().max()) == 0.0
+    assert 0 < values.count(0.0) < len(values)  # both sides of 0 were drawn
+
+
 def test_invariance_kernel_mmd_is_the_training_penalty_and_is_saved(data):
     model = make_model(data, invariance_weight=30.0, invariance_kernel="mmd")
     model.train(max_epochs=3, **FAST)
