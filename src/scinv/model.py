@@ -109,10 +109,12 @@ class InVAE:
     kl_inv_weight
         Weight of the invariant latent's KL term (beta). Below 1, z_inv keeps variation within each
         label instead of collapsing onto the label prior's means on the training cells.
-    invariance_weight
-        Weight of the penalty on batch differences of z_inv within each label, on labelled cells
-        (:meth:`scinv.module.InVAEModule.batch_invariance`): the invariant prior assumes z_inv
-        independent of the batch given the label, and the ELBO alone does not enforce it.
+    invariance_kernel, invariance_weight
+        The penalty on batch differences of z_inv within each label (labelled cells, and confident
+        pseudo-labels of unlabelled ones): the invariant prior assumes z_inv independent of the
+        batch given the label, and the ELBO alone does not enforce it. 'mmd' (default, weight 300:
+        :meth:`scinv.module.InVAEModule.batch_invariance_mmd`, the whole distribution) or 'mean'
+        (weight 10: :meth:`scinv.module.InVAEModule.batch_invariance`, the means only).
     classifier_weight
         Weight of an auxiliary classifier of the labels from z_inv trained jointly (labels are
         targets, never encoder inputs). Without it the invariant latent can collapse when the
