@@ -94,7 +94,8 @@ class ModelConfig:
         "mmd",
         "Form of the invariance penalty: 'mmd' (kernel MMD between each batch and the rest of the label: spread and shape) "
         "or 'mean' (batch differences of z_inv's mean within each label only). Measured over 5 held-out splits x 3 seeds "
-        "(docs/benchmarks.md, session 18): mmd raises batch correction by 0.05-0.12 and scIB total, transfer within the seed spread.",
+        "(docs/benchmarks.md, sessions 18-19): mmd raises batch correction by 0.05-0.12 and scIB total; transfer -0.005 to +0.002 "
+        "on Kang and synthetic data, -0.013 on Liao (half its seed sd).",
         pipeline=True,
         choices=("mean", "mmd"),
     )
