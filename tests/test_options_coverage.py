@@ -158,6 +158,17 @@ def test_invariance_weight_defaults_to_the_scale_of_the_chosen_kernel(data):
     assert make_model(data, invariance_weight=0.0).hparams["invariance_weight"] == 0.0  # 0 turns it off, not the default
 
 
+def test_a_model_saved_before_an_option_existed_loads_with_the_behaviour_it_trained_with(data):
+    model = make_model(data)
+    config = copy.deepcopy(model._config())
+    for key in ("invariance_kernel", "invariance_weight", "kl_inv_weight"):  # not saved by earlier versions
+        del config["hparams"][key]
+    module = InVAE.from_state(config, model._state_dict()).module
+    assert (module.invariance_kernel, module.invariance_weight, module.kl_inv_weight) == ("mean", 0.0, 1.0)
+    module = InVAE.from_state(model._config(), model._state_dict()).module  # saved today: its own values
+    assert (module.invariance_kernel, module.invariance_weight, module.kl_inv_weight) == ("mmd", 300.0, 0.1)
+
+
 def test_invariance_kernel_mmd_is_the_training_penalty_and_is_saved(data):
     model = make_model(data, invariance_weight=30.0, invariance_kernel="mmd")
     model.train(max_epochs=3, **FAST)

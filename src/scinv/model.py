@@ -36,6 +36,16 @@ from .module import InVAEModule, InvariantClassifier, invariant_risk
 from .training import EarlyStopping, Trainer, keep_freed_memory_for_reuse, progress, resolve_device, seed_everything
 
 MODEL_FORMAT = 1
+# hyperparameters added after format 1, with the behaviour of models saved before them
+HPARAMS_BEFORE_THEY_EXISTED = {
+    "kl_inv_weight": 1.0,
+    "classifier_weight": 0.0,
+    "invariance_weight": 0.0,
+    "invariance_on_unlabelled": False,
+    "invariance_confidence": 0.0,  # unlabelled cells weighed by soft probabilities
+    "invariance_kernel": "mean",
+    "prior_family": "gaussian",
+}
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 REPRESENTATIONS = ("inv", "spur", "full")
 DEFAULT_KL_WARMUP_EPOCHS = 20  # a first train(); a continuing one warms up for 0 epochs
@@ -180,18 +190,17 @@ class InVAE:
             batch_norm=h["batch_norm"],
             prior_mode=h["prior_mode"],
             kl_estimator=h["kl_estimator"],
-            kl_inv_weight=h.get("kl_inv_weight", 1.0),
+            kl_inv_weight=h["kl_inv_weight"],
             tc_weight=h["tc_weight"],
             label_frequencies=label_frequencies,
             encode_covariates=h["encode_covariates"],
             covariate_dropout=h["covariate_dropout"],
-            classifier_weight=h.get("classifier_weight", 0.0),
-            invariance_weight=h.get("invariance_weight", 0.0),
-            invariance_on_unlabelled=h.get("invariance_on_unlabelled", False),
-            # models saved before the threshold existed weighed unlabelled cells by soft probabilities
-            invariance_confidence=h.get("invariance_confidence", 0.0),
-            invariance_kernel=h.get("invariance_kernel", "mean"),
-            prior_family=h.get("prior_family", "gaussian"),
+            classifier_weight=h["classifier_weight"],
+            invariance_weight=h["invariance_weight"],
+            invariance_on_unlabelled=h["invariance_on_unlabelled"],
+            invariance_confidence=h["invariance_confidence"],
+            invariance_kernel=h["invariance_kernel"],
+            prior_family=h["prior_family"],
         )
 
     @property
@@ -532,7 +541,10 @@ class InVAE:
 
     @classmethod
     def from_state(cls, config: dict, state: dict[str, torch.Tensor]) -> InVAE:
-        model = cls(_registry=DataRegistry.from_dict(config["registry"]), **config["hparams"])
+        # a model saved before an option existed trained without it: its missing keys get that
+        # behaviour, not today's default (which may differ, e.g. invariance_kernel since session 19)
+        hparams = {**HPARAMS_BEFORE_THEY_EXISTED, **config["hparams"]}
+        model = cls(_registry=DataRegistry.from_dict(config["registry"]), **hparams)
         module_state = {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
         model.module.load_state_dict(module_state)
         model.module.eval()
