@@ -14,6 +14,8 @@ Datasets (the data files are read from ../shared/data or the bundled assets, nev
 
 - kang: Kang et al. 2018 control PBMCs, 8 donors; leave-one-donor-out for `--kang-donors`;
 - liao: the bundled Liao et al. 2020 BALF data, donor C149 held out (as `-profile test`);
+- kang_chemistry: the Kang donors as three simulated 10x chemistries (per-gene capture efficiency,
+  see `load_kang_chemistry`), batch = chemistry, the third one (2 donors) held out;
 - synthetic: NB counts with strong batch effects and weak type markers, batch b3 held out.
 
 Results go row by row into a CSV (`--csv`); runs already in it are skipped, so an interrupted
@@ -84,6 +86,45 @@ def load_kang(donors):
     if missing:
         raise SystemExit(f"--kang-donors {missing} are not donors of the Kang data; use some of {sorted(found)}")
     return prepare(adata), [[d] for d in donors]
+
+
+def chemistry_shift(counts, capture, seed: int):
+    """Counts as another chemistry would capture them: each gene's UMIs kept with its probability
+    `capture` (G,) (binomial thinning), the way capture efficiency differs between 10x chemistries."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    p = np.asarray(capture, np.float64)[x.indices]
+    x.data = rng.binomial(x.data.astype(np.int64), p).astype(np.float32)
+    x.eliminate_zeros()
+    return x
+
+
+def load_kang_chemistry():
+    """Kang's 8 donors as three 'chemistries' (sorted donors 3 + 3 + 2), each but the first with
+    its own per-gene capture efficiency (median 0.6 / 0.4, log-sd 0.6, at most 1): a strong
+    technical shift on real biology, the third chemistry held out (its 2 donors are new too)."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(SHARED / "kang2018_pbmc_ctrl.h5ad")
+    donors = sorted(adata.obs["batch"].astype(str).unique())
+    chemistry = dict(zip(donors, ["chem_a"] * 3 + ["chem_b"] * 3 + ["chem_c"] * 2))
+    adata.obs = pd.DataFrame({"batch": adata.obs["batch"].astype(str).map(chemistry), "cell_type": adata.obs["cell_type"].astype(str)}, index=adata.obs_names)
+    rng = np.random.default_rng(2018)  # the same data for every method and seed
+    blocks = []
+    for i, (chem, median) in enumerate((("chem_a", 1.0), ("chem_b", 0.6), ("chem_c", 0.4))):
+        rows = np.flatnonzero(adata.obs["batch"].to_numpy() == chem)
+        capture = np.ones(adata.n_vars) if median == 1.0 else np.minimum(1.0, median * np.exp(rng.normal(0, 0.6, adata.n_vars)))
+        blocks.append((rows, chemistry_shift(adata.X[rows], capture, seed=i)))
+    import scipy.sparse as sp
+
+    order = np.concatenate([rows for rows, _ in blocks])
+    adata = adata[order].copy()
+    adata.X = sp.vstack([x for _, x in blocks]).tocsr()
+    adata = adata[np.asarray(adata.X.sum(axis=1)).ravel() > 0].copy()
+    adata.layers["counts"] = adata.X.copy()
+    return prepare(adata), [["chem_c"]]
 
 
 def load_liao():
@@ -260,7 +301,12 @@ def main() -> None:
 
     for name in args.datasets.split(","):
         log(f"{name}: preparing")
-        adata, splits = {"kang": lambda: load_kang(args.kang_donors.split(",")), "liao": load_liao, "synthetic": load_synthetic}[name]()
+        adata, splits = {
+            "kang": lambda: load_kang(args.kang_donors.split(",")),
+            "kang_chemistry": load_kang_chemistry,
+            "liao": load_liao,
+            "synthetic": load_synthetic,
+        }[name]()
         log(f"{name}: {adata.n_obs} cells x {adata.n_vars} genes, batches {adata.obs['batch'].nunique()}, labels {adata.obs['cell_type'].nunique()}")
         for heldout in splits:
             labels = hide_heldout_labels(adata.obs, "batch", "cell_type", heldout, UNKNOWN, name)
