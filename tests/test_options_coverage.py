@@ -1,5 +1,5 @@
 """Options no other test exercised, each through the real model or the real step script:
-tc_weight, kl_inv_weight, invariance_weight, kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT
+tc_weight, kl_inv_weight, kl_spur_weight, invariance_weight, kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT
 --cellxgene, and CHECK_INPUT's errors for a bad --annotations file."""
 
 import copy
@@ -48,11 +48,11 @@ def same_weights_with(model, **hparams):
     return InVAE.from_state(config, model._state_dict())
 
 
-def loss_terms(record: dict, prefix: str, kl_weight: float, classifier_weight: float, invariance_weight: float, kl_inv_weight: float) -> float:
-    """What the loss is made of besides the total-correlation penalty."""
+def loss_terms(record: dict, prefix: str, kl_weight: float, hparams: dict) -> float:
+    """What the loss is made of besides the total-correlation penalty, with the model's weights."""
     r = {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
-    other = classifier_weight * r["classification"] + invariance_weight * r["invariance"] + r.get("score_matching", 0.0)
-    return r["reconstruction"] + kl_weight * (kl_inv_weight * r["kl_inv"] + r["kl_spur"]) + other
+    other = hparams["classifier_weight"] * r["classification"] + hparams["invariance_weight"] * r["invariance"] + r.get("score_matching", 0.0)
+    return r["reconstruction"] + kl_weight * (hparams["kl_inv_weight"] * r["kl_inv"] + hparams["kl_spur_weight"] * r["kl_spur"]) + other
 
 
 # -- model options -------------------------------------------------------------------------------------
@@ -62,14 +62,13 @@ def test_tc_weight_adds_the_weighted_total_correlation_to_the_loss_and_changes_t
     plain, penalised = make_model(data), make_model(data, tc_weight=2.5)
     for model in (plain, penalised):
         model.train(max_epochs=4, **FAST)
-    cw = penalised.hparams["classifier_weight"]
     assert all(h["train_tc"] == 0 and h["validation_tc"] == 0 for h in plain.history)
     for h in penalised.history:
         for prefix, kl_weight in (("train_", h["kl_weight"]), ("validation_", 1.0)):
             tc = h[f"{prefix}tc"]
             assert np.isfinite(tc) and tc > 0.05, h
             # loss = the other terms + tc_weight * tc (the term is in the objective, with its weight)
-            terms = loss_terms(h, prefix, kl_weight, cw, penalised.hparams["invariance_weight"], penalised.hparams["kl_inv_weight"])
+            terms = loss_terms(h, prefix, kl_weight, penalised.hparams)
             assert h[f"{prefix}loss"] == pytest.approx(terms + 2.5 * tc, rel=1e-5, abs=1e-3), h
     # same seed, same data: the penalty alone makes the two runs differ
     z_plain, z_penalised = plain.get_latent_representation(data, "full"), penalised.get_latent_representation(data, "full")
@@ -84,11 +83,27 @@ def test_kl_inv_weight_scales_the_invariant_kl_and_keeps_variation_within_labels
         model.train(max_epochs=20, **FAST)
     h = light.history[-1]
     for prefix, kl_weight in (("train_", h["kl_weight"]), ("validation_", 1.0)):
-        terms = loss_terms(h, prefix, kl_weight, light.hparams["classifier_weight"], light.hparams["invariance_weight"], 0.1)
+        assert light.hparams["kl_inv_weight"] == 0.1
+        terms = loss_terms(h, prefix, kl_weight, light.hparams)
         assert h[f"{prefix}loss"] == pytest.approx(terms, rel=1e-5, abs=1e-3), h
     assert light.history[-1]["validation_kl_inv"] > 1.5 * full.history[-1]["validation_kl_inv"], (light.history[-1], full.history[-1])
     reloaded = InVAE.from_state(light._config(), light._state_dict())
     assert reloaded.module.kl_inv_weight == 0.1
+
+
+def test_kl_spur_weight_follows_kl_inv_weight_unless_set_and_scales_the_spurious_kl(data):
+    """One beta for the whole latent by default; set apart, z_spur's KL gets its own weight in the
+    loss, and a lighter one lets z_spur carry more (a larger KL to the batch prior)."""
+    assert make_model(data).hparams["kl_spur_weight"] == make_model(data).hparams["kl_inv_weight"] == 0.1
+    assert make_model(data, kl_inv_weight=1.0).hparams["kl_spur_weight"] == 1.0
+    full, light = make_model(data, kl_spur_weight=1.0), make_model(data, kl_spur_weight=0.05)
+    for model in (full, light):
+        model.train(max_epochs=20, **FAST)
+    h = light.history[-1]
+    for prefix, kl_weight in (("train_", h["kl_weight"]), ("validation_", 1.0)):
+        assert h[f"{prefix}loss"] == pytest.approx(loss_terms(h, prefix, kl_weight, light.hparams), rel=1e-5, abs=1e-3), h
+    assert light.history[-1]["validation_kl_spur"] > 1.25 * full.history[-1]["validation_kl_spur"], (light.history[-1], full.history[-1])
+    assert InVAE.from_state(light._config(), light._state_dict()).module.kl_spur_weight == 0.05
 
 
 def within_label_batch_scatter(model, adata) -> float:
@@ -108,10 +123,10 @@ def test_invariance_weight_penalises_batch_differences_of_z_inv_within_labels(da
     plain, penalised = (make_model(shifted, invariance_kernel="mean", invariance_weight=w) for w in (0.0, 50.0))
     for model in (plain, penalised):
         model.train(max_epochs=15, **FAST)
-    cw = penalised.hparams["classifier_weight"]
     assert all(h["train_invariance"] == 0 for h in plain.history)
     h = penalised.history[-1]
-    assert h["train_loss"] == pytest.approx(loss_terms(h, "train_", h["kl_weight"], cw, 50.0, penalised.hparams["kl_inv_weight"]), rel=1e-5, abs=1e-3)
+    assert penalised.hparams["invariance_weight"] == 50.0
+    assert h["train_loss"] == pytest.approx(loss_terms(h, "train_", h["kl_weight"], penalised.hparams), rel=1e-5, abs=1e-3)
     before, after = within_label_batch_scatter(plain, shifted), within_label_batch_scatter(penalised, shifted)
     assert after < 0.5 * before, (before, after)
 
@@ -161,12 +176,12 @@ def test_invariance_weight_defaults_to_the_scale_of_the_chosen_kernel(data):
 def test_a_model_saved_before_an_option_existed_loads_with_the_behaviour_it_trained_with(data):
     model = make_model(data)
     config = copy.deepcopy(model._config())
-    for key in ("invariance_kernel", "invariance_weight", "kl_inv_weight"):  # not saved by earlier versions
+    for key in ("invariance_kernel", "invariance_weight", "kl_inv_weight", "kl_spur_weight"):  # not saved by earlier versions
         del config["hparams"][key]
     module = InVAE.from_state(config, model._state_dict()).module
-    assert (module.invariance_kernel, module.invariance_weight, module.kl_inv_weight) == ("mean", 0.0, 1.0)
+    assert (module.invariance_kernel, module.invariance_weight, module.kl_inv_weight, module.kl_spur_weight) == ("mean", 0.0, 1.0, 1.0)
     module = InVAE.from_state(model._config(), model._state_dict()).module  # saved today: its own values
-    assert (module.invariance_kernel, module.invariance_weight, module.kl_inv_weight) == ("mmd", 300.0, 0.1)
+    assert (module.invariance_kernel, module.invariance_weight, module.kl_inv_weight, module.kl_spur_weight) == ("mmd", 300.0, 0.1, 0.1)
 
 
 def test_invariance_kernel_mmd_is_the_training_penalty_and_is_saved(data):
@@ -174,9 +189,8 @@ def test_invariance_kernel_mmd_is_the_training_penalty_and_is_saved(data):
     model.train(max_epochs=3, **FAST)
     h = model.history[-1]
     assert h["train_invariance"] > 0
-    assert h["train_loss"] == pytest.approx(
-        loss_terms(h, "train_", h["kl_weight"], model.hparams["classifier_weight"], 30.0, model.hparams["kl_inv_weight"]), rel=1e-5, abs=1e-3
-    )
+    assert model.hparams["invariance_weight"] == 30.0
+    assert h["train_loss"] == pytest.approx(loss_terms(h, "train_", h["kl_weight"], model.hparams), rel=1e-5, abs=1e-3)
     assert InVAE.from_state(model._config(), model._state_dict()).module.invariance_kernel == "mmd"
     with pytest.raises(ValueError, match="invariance_kernel"):
         make_model(data, invariance_kernel="median")

@@ -39,6 +39,7 @@ MODEL_FORMAT = 1
 # hyperparameters added after format 1, with the behaviour of models saved before them
 HPARAMS_BEFORE_THEY_EXISTED = {
     "kl_inv_weight": 1.0,
+    "kl_spur_weight": 1.0,
     "classifier_weight": 0.0,
     "invariance_weight": 0.0,
     "invariance_on_unlabelled": False,
@@ -119,6 +120,9 @@ class InVAE:
     kl_inv_weight
         Weight of the invariant latent's KL term (beta). Below 1, z_inv keeps variation within each
         label instead of collapsing onto the label prior's means on the training cells.
+    kl_spur_weight
+        Weight of the spurious latent's KL term; default: kl_inv_weight. Lighter on z_inv alone,
+        z_inv would be the cheaper place for batch effects and z_spur would go unused.
     invariance_kernel, invariance_weight
         The penalty on batch differences of z_inv within each label (labelled cells, and confident
         pseudo-labels of unlabelled ones): the invariant prior assumes z_inv independent of the
@@ -191,6 +195,7 @@ class InVAE:
             prior_mode=h["prior_mode"],
             kl_estimator=h["kl_estimator"],
             kl_inv_weight=h["kl_inv_weight"],
+            kl_spur_weight=h["kl_spur_weight"],
             tc_weight=h["tc_weight"],
             label_frequencies=label_frequencies,
             encode_covariates=h["encode_covariates"],

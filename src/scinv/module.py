@@ -115,6 +115,7 @@ class InVAEModule(nn.Module):
         prior_hidden: int = 64,
         kl_estimator: str = "analytic",
         kl_inv_weight: float = 1.0,
+        kl_spur_weight: float = 1.0,
         tc_weight: float = 0.0,
         label_frequencies: torch.Tensor | None = None,
         encode_covariates: bool = False,
@@ -137,7 +138,7 @@ class InVAEModule(nn.Module):
         self.n_genes, self.n_labels = n_genes, n_labels
         self.n_latent_inv, self.n_latent_spur = n_latent_inv, n_latent_spur
         self.kl_estimator, self.tc_weight = kl_estimator, tc_weight
-        self.kl_inv_weight = kl_inv_weight
+        self.kl_inv_weight, self.kl_spur_weight = kl_inv_weight, kl_spur_weight
         n_latent = n_latent_inv + n_latent_spur
         self.covariate_dropout = covariate_dropout
         self.classifier_weight = classifier_weight
@@ -403,7 +404,7 @@ class InVAEModule(nn.Module):
         log_lib = batch["log_lib"] if "log_lib" in batch else torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
         recon = self.reconstruction_loss(batch, self.decoder(z), log_lib)
         kl_inv, kl_spur = kl_inv.mean(), kl_spur.mean()
-        loss = recon + kl_weight * (self.kl_inv_weight * kl_inv + kl_spur)
+        loss = recon + kl_weight * (self.kl_inv_weight * kl_inv + self.kl_spur_weight * kl_spur)
         if self.prior_family == "nf":
             loss = loss + score_matching
         classification = torch.zeros((), device=x.device)
