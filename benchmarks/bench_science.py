@@ -257,6 +257,29 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def against_the_bar(df: pd.DataFrame, method: str = "scinv") -> pd.DataFrame:
+    """Issue #16's bar per split, paired by seed: `method`'s transfer (its own classifier) minus the best
+    baseline's (the highest of any baseline's classifier or kNN accuracy on that seed), and its batch
+    correction minus scVI's. Mean, sd and the seeds where `method` is ahead; only seeds every method ran."""
+    baselines = [m for m in df["method"].unique() if m in RUNNERS and m != "scinv"]
+    rows = []
+    for (name, heldout), split in df.groupby(["dataset", "heldout"], sort=False):
+        wide = split.pivot_table(index="seed", columns="method", values=["clf_accuracy", "knn_accuracy", "batch_correction"])
+        if method not in wide["knn_accuracy"] or not baselines or not set(baselines) <= set(wide["knn_accuracy"]):
+            continue
+        wide = wide.dropna(subset=[("knn_accuracy", m) for m in [method, *baselines]])
+        ours = wide.get(("clf_accuracy", method), wide[("knn_accuracy", method)]).fillna(wide[("knn_accuracy", method)])
+        best = pd.concat([wide[(c, m)] for c in ("clf_accuracy", "knn_accuracy") for m in baselines if (c, m) in wide], axis=1).max(axis=1)
+        margin = ours - best
+        row = {"dataset": name, "heldout": heldout, "seeds": len(wide), "transfer": ours.mean(), "best baseline": best.mean()}
+        row.update({"margin": margin.mean(), "margin sd": margin.std(), "seeds ahead": int((margin > 0).sum())})
+        if ("batch_correction", "scvi") in wide:
+            batch = wide[("batch_correction", method)] - wide[("batch_correction", "scvi")]
+            row.update({"batch - scVI": batch.mean(), "seeds batch >= scVI": int((batch >= 0).sum())})
+        rows.append(row)
+    return pd.DataFrame(rows).round(4)
+
+
 def markdown(table: pd.DataFrame) -> str:
     """The summary as a Markdown table (pandas' to_markdown needs tabulate, which is not installed)."""
     flat = table.reset_index()
@@ -337,6 +360,10 @@ def main() -> None:
     results = [pd.read_csv(f, dtype={"heldout": str}) for f in [csv, *args.summarise_with] if Path(f).exists()]
     table = summarise(pd.concat(results, ignore_index=True))
     print(table.to_string())
+    bar = against_the_bar(pd.concat(results, ignore_index=True))
+    if not bar.empty:
+        print("\nscinv against issue #16's bar, paired by seed (margin: its transfer minus the best baseline's):")
+        print(bar.to_string(index=False))
     if args.markdown:
         Path(args.markdown).write_text(markdown(table))
 
