@@ -261,7 +261,7 @@ def against_the_bar(df: pd.DataFrame, method: str = "scinv") -> pd.DataFrame:
     """Issue #16's bar per split, paired by seed: `method`'s transfer (its own classifier) minus the best
     baseline's (the highest of any baseline's classifier or kNN accuracy on that seed), and its batch
     correction minus scVI's. Mean, sd and the seeds where `method` is ahead; only seeds every method ran."""
-    baselines = [m for m in df["method"].unique() if m in RUNNERS and m != "scinv"]
+    baselines = [m for m in df["method"].unique() if m in RUNNERS and m != method]
     rows = []
     for (name, heldout), split in df.groupby(["dataset", "heldout"], sort=False):
         wide = split.pivot_table(index="seed", columns="method", values=["clf_accuracy", "knn_accuracy", "batch_correction"])
@@ -357,10 +357,10 @@ def main() -> None:
                         f"(kNN {row['knn_accuracy']:.3f}) scIB {row['scib_total']:.3f} bio {row['bio']:.3f} batch {row['batch_correction']:.3f} ({fit_s:.0f} s)"
                     )
                     pd.DataFrame([row]).reindex(columns=COLUMNS).to_csv(csv, mode="a", header=not csv.exists() or csv.stat().st_size == 0, index=False)
-    results = [pd.read_csv(f, dtype={"heldout": str}) for f in [csv, *args.summarise_with] if Path(f).exists()]
-    table = summarise(pd.concat(results, ignore_index=True))
+    results = pd.concat([pd.read_csv(f, dtype={"heldout": str}) for f in [csv, *args.summarise_with] if Path(f).exists()], ignore_index=True)
+    table = summarise(results)
     print(table.to_string())
-    bar = against_the_bar(pd.concat(results, ignore_index=True))
+    bar = against_the_bar(results)
     if not bar.empty:
         print("\nscinv against issue #16's bar, paired by seed (margin: its transfer minus the best baseline's):")
         print(bar.to_string(index=False))

@@ -42,10 +42,9 @@ def em_label_shift(probs: np.ndarray, train_prior: np.ndarray, max_iter: int = 1
 
 def knn_smoothed(probs: np.ndarray, z: np.ndarray, k: int = 15) -> np.ndarray:
     """Probabilities (n, K) averaged over each cell's k nearest held-out cells in z (n, d), itself included."""
-    from sklearn.neighbors import NearestNeighbors
+    from scinv.mapping import knn_distances
 
-    idx = NearestNeighbors(n_neighbors=min(k, len(z))).fit(z).kneighbors(z, return_distance=False)
-    return probs[idx].mean(1)
+    return probs[knn_distances(z, z, k)[0]].mean(1)
 
 
 def majority_voted(predicted: np.ndarray, z: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -98,16 +97,16 @@ def main() -> None:
         adjusted, em_prior = em_label_shift(p, train_prior)
         t = truth[query].to_numpy()
         true_prior = pd.Series(t).value_counts(normalize=True).reindex(classes).fillna(0).to_numpy()
-        z = model.get_latent_representation(adata, "inv")[query]
-        smoothed, voted = knn_smoothed(p, z), majority_voted(classes[p.argmax(1)], z, seed)
+        z, predicted = model.get_latent_representation(adata, "inv")[query], classes[p.argmax(1)]
+        smoothed, voted = knn_smoothed(p, z), majority_voted(predicted, z, seed)
         print(
-            f"RESULT {args.dataset} seed {seed}: accuracy {np.mean(classes[p.argmax(1)] == t):.4f}, "
+            f"RESULT {args.dataset} seed {seed}: accuracy {np.mean(predicted == t):.4f}, "
             f"after label-shift EM {np.mean(classes[adjusted.argmax(1)] == t):.4f}, "
             f"kNN-smoothed {np.mean(classes[smoothed.argmax(1)] == t):.4f}, majority-voted {np.mean(voted == t):.4f}; classes {list(classes)}, "
             f"training prior {np.round(train_prior, 3)}, EM prior {np.round(em_prior, 3)}, true prior {np.round(true_prior, 3)}",
             flush=True,
         )
-        print(pd.crosstab(pd.Series(t, name="truth"), pd.Series(classes[p.argmax(1)], name="predicted")).to_string(), flush=True)
+        print(pd.crosstab(pd.Series(t, name="truth"), pd.Series(predicted, name="predicted")).to_string(), flush=True)
 
 
 if __name__ == "__main__":
