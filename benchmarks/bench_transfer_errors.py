@@ -1,7 +1,8 @@
 """Where scinv's transfer errors are: per-type confusion of the invariant predictor on a held-out
 batch, and whether a post-hoc step on the held-out cells would fix them: a label-shift correction
-of its probabilities, or the query's own neighbourhoods (kNN smoothing; CellTypist's majority
-voting over an over-clustering).
+of its probabilities, the query's own neighbourhoods (kNN smoothing; CellTypist's majority
+voting over an over-clustering), or an ensemble: the predictor's probabilities averaged with the
+jointly trained classifier's and a 15-NN classifier's on the reference cells in z_inv.
 
 The correction is the EM re-estimate of the held-out batch's class priors (Saerens, Latinne and
 Decaestecker 2002), starting from the predictor's training prior (each labelled batch weighs the
@@ -62,6 +63,23 @@ def majority_voted(predicted: np.ndarray, z: np.ndarray, seed: int = 0) -> np.nd
     return votes.reindex(q.obs["leiden"].to_numpy()).to_numpy()
 
 
+def joint_classifier_probs(model, z: np.ndarray) -> np.ndarray:
+    """Probabilities (n, K) of the classifier trained jointly with the VAE (`classifier_weight`) on z (n, d)."""
+    import torch
+
+    classifier = model.module.classifier.eval()
+    with torch.no_grad():
+        return torch.softmax(classifier(torch.from_numpy(z)), -1).numpy()
+
+
+def reference_knn_probs(z_reference: np.ndarray, labels: np.ndarray, z: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Probabilities (n, K) of a distance-weighted 15-NN classifier on the reference cells (bench_science's kNN), columns in `classes` order."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    knn = KNeighborsClassifier(n_neighbors=15, weights="distance").fit(z_reference, labels)
+    return pd.DataFrame(knn.predict_proba(z), columns=knn.classes_).reindex(columns=classes, fill_value=0.0).to_numpy()
+
+
 def load(dataset: str):
     loaders = {"liao": bench_science.load_liao, "synthetic": bench_science.load_synthetic, "kang_chemistry": bench_science.load_kang_chemistry}
     adata, splits = loaders[dataset]() if dataset in loaders else bench_science.load_kang([dataset])
@@ -97,12 +115,17 @@ def main() -> None:
         adjusted, em_prior = em_label_shift(p, train_prior)
         t = truth[query].to_numpy()
         true_prior = pd.Series(t).value_counts(normalize=True).reindex(classes).fillna(0).to_numpy()
-        z, predicted = model.get_latent_representation(adata, "inv")[query], classes[p.argmax(1)]
+        z_all = model.get_latent_representation(adata, "inv")
+        z, predicted = z_all[query], classes[p.argmax(1)]
         smoothed, voted = knn_smoothed(p, z), majority_voted(predicted, z, seed)
+        joint = joint_classifier_probs(model, z)
+        ensemble = p + joint + reference_knn_probs(z_all[~query], truth[~query].to_numpy(), z, classes)
         print(
             f"RESULT {args.dataset} seed {seed}: accuracy {np.mean(predicted == t):.4f}, "
             f"after label-shift EM {np.mean(classes[adjusted.argmax(1)] == t):.4f}, "
-            f"kNN-smoothed {np.mean(classes[smoothed.argmax(1)] == t):.4f}, majority-voted {np.mean(voted == t):.4f}; classes {list(classes)}, "
+            f"kNN-smoothed {np.mean(classes[smoothed.argmax(1)] == t):.4f}, majority-voted {np.mean(voted == t):.4f}, "
+            f"joint classifier {np.mean(classes[joint.argmax(1)] == t):.4f}, ensemble {np.mean(classes[ensemble.argmax(1)] == t):.4f}; "
+            f"classes {list(classes)}, "
             f"training prior {np.round(train_prior, 3)}, EM prior {np.round(em_prior, 3)}, true prior {np.round(true_prior, 3)}",
             flush=True,
         )
