@@ -51,21 +51,16 @@ def main() -> None:
 
     import torch
 
+    from scinv.data import hide_heldout_labels
+
     torch.set_num_threads(args.threads)
     adata, heldout = bench_transfer_errors.load(args.dataset)
     truth = adata.obs["cell_type"].astype(str)
-    labels = truth.where(~adata.obs["batch"].isin(heldout), bench_science.UNKNOWN)
+    labels = hide_heldout_labels(adata.obs, "batch", "cell_type", heldout, bench_science.UNKNOWN, args.dataset)
     batches = adata.obs["batch"].astype(str).to_numpy()
-    methods = {m: {} for m in args.methods.split(",") if m}
-    bad = [m for m in methods if m not in bench_science.RUNNERS]
-    if bad:
-        raise SystemExit(f"--methods: unknown {bad}; use some of {list(bench_science.RUNNERS)}")
-    methods.update(bench_science.parse_variants(args.variant))
     columns = {}
-    for method, options in methods.items():
+    for method, options in bench_science.method_options(args.methods, args.variant, args.baseline_epochs).items():
         runner = bench_science.RUNNERS["scinv" if method.startswith("scinv[") else method]
-        if method in ("scvi", "scanvi"):
-            options = {"max_epochs": args.baseline_epochs}
         per_seed = [bras_per_label(runner(adata, labels, seed, options)["embedding"], truth.to_numpy(), batches) for seed in map(int, args.seeds.split(","))]
         columns[method] = pd.concat(per_seed, axis=1).mean(1)
     table = pd.DataFrame(columns)

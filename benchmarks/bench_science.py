@@ -245,6 +245,19 @@ def parse_variants(specs: list[str]) -> dict[str, dict]:
     return variants
 
 
+def method_options(methods: str, variants: list[str], baseline_epochs: int) -> dict[str, dict]:
+    """--methods, --variant and --baseline-epochs -> {method: its options} (scVI and scANVI: their epochs)."""
+    chosen = {m: {} for m in methods.split(",") if m}
+    bad = [m for m in chosen if m not in RUNNERS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; use some of {list(RUNNERS)}")
+    for m in ("scvi", "scanvi"):
+        if m in chosen:
+            chosen[m] = {"max_epochs": baseline_epochs}
+    chosen.update(parse_variants(variants))
+    return chosen
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd over seeds per dataset, split and method; 'transfer' = the method's own classifier if it has one, else kNN."""
     df = df.copy()
@@ -306,14 +319,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    methods = {m: {} for m in args.methods.split(",") if m}
-    bad = [m for m in methods if m not in RUNNERS]
-    if bad:
-        raise SystemExit(f"--methods: unknown {bad}; use some of {list(RUNNERS)}")
-    for m in ("scvi", "scanvi"):
-        if m in methods:
-            methods[m] = {"max_epochs": args.baseline_epochs}
-    methods.update(parse_variants(args.variant))
+    methods = method_options(args.methods, args.variant, args.baseline_epochs)
     seeds = [int(s) for s in args.seeds.split(",")]
     csv = Path(args.csv)
     csv.parent.mkdir(parents=True, exist_ok=True)
