@@ -1,5 +1,5 @@
 """Options no other test exercised, each through the real model or the real step script:
-tc_weight, kl_inv_weight, kl_spur_weight, invariance_weight, kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT
+tc_weight, kl_inv_weight, kl_spur_weight, invariance_weight, label_prior, kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT
 --cellxgene, and CHECK_INPUT's errors for a bad --annotations file."""
 
 import copy
@@ -173,12 +173,34 @@ def test_invariance_weight_defaults_to_the_scale_of_the_chosen_kernel(data):
     assert make_model(data, invariance_weight=0.0).hparams["invariance_weight"] == 0.0  # 0 turns it off, not the default
 
 
+def test_label_prior_sets_the_mixture_weights_of_unlabelled_cells_and_is_saved(data):
+    adata = data.copy()
+    adata.obs["label"] = adata.obs["cell_type"].astype(str).where(adata.obs["batch"] != "b1", "Unknown").to_numpy()
+    adata.obs.loc[adata.obs_names[:150], "label"] = "t0"  # a skewed reference: t0 is common
+    kw = dict(layer="counts", batch_key="batch", label_key="label", n_latent_inv=4, n_latent_spur=2, n_hidden=32)
+    uniform, frequency = InVAE(adata, **kw), InVAE(adata, label_prior="frequency", **kw)
+    assert uniform.hparams["label_prior"] == "uniform"  # the default
+    assert torch.allclose(uniform.module.label_log_freq.exp(), torch.full((N_TYPES,), 1 / N_TYPES))
+    labelled = adata.obs["label"][adata.obs["label"] != "Unknown"]
+    counts = labelled.value_counts().reindex(uniform.registry.labels).to_numpy() + 1.0  # +1: no label weighs 0
+    assert torch.allclose(frequency.module.label_log_freq.exp(), torch.tensor(counts / counts.sum(), dtype=torch.float32))
+    # an unlabelled cell's KL: the mixture with the weights chosen
+    z, qm, qv, label = torch.randn(1, 6), torch.randn(1, 6), torch.rand(1, 6) + 0.5, torch.tensor([-1])
+    frequency.module.load_state_dict({**uniform.module.state_dict(), "label_log_freq": frequency.module.label_log_freq})
+    kl_u, kl_f = (m.module.eval().kl_invariant(z, qm, qv, label, torch.zeros(1, 0)) for m in (uniform, frequency))
+    assert not torch.allclose(kl_u, kl_f)
+    loaded = InVAE.from_state(frequency._config(), frequency._state_dict())
+    assert loaded.hparams["label_prior"] == "frequency" and torch.equal(loaded.module.label_log_freq, frequency.module.label_log_freq)
+
+
 def test_a_model_saved_before_an_option_existed_loads_with_the_behaviour_it_trained_with(data):
     model = make_model(data)
     config = copy.deepcopy(model._config())
-    for key in ("invariance_kernel", "invariance_weight", "kl_inv_weight", "kl_spur_weight"):  # not saved by earlier versions
+    for key in ("invariance_kernel", "invariance_weight", "kl_inv_weight", "kl_spur_weight", "label_prior"):  # not saved by earlier versions
         del config["hparams"][key]
-    module = InVAE.from_state(config, model._state_dict()).module
+    loaded = InVAE.from_state(config, model._state_dict())
+    module = loaded.module
+    assert loaded.hparams["label_prior"] == "frequency"
     assert (module.invariance_kernel, module.invariance_weight, module.kl_inv_weight, module.kl_spur_weight) == ("mean", 0.0, 1.0, 1.0)
     module = InVAE.from_state(model._config(), model._state_dict()).module  # saved today: its own values
     assert (module.invariance_kernel, module.invariance_weight, module.kl_inv_weight, module.kl_spur_weight) == ("mmd", 300.0, 0.1, 0.1)

@@ -46,6 +46,7 @@ HPARAMS_BEFORE_THEY_EXISTED = {
     "invariance_confidence": 0.0,  # unlabelled cells weighed by soft probabilities
     "invariance_kernel": "mean",
     "prior_family": "gaussian",
+    "label_prior": "frequency",
 }
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 REPRESENTATIONS = ("inv", "spur", "full")
@@ -97,7 +98,8 @@ class InVAE:
         Batch column: the environments, and the first technical covariate of the spurious prior.
     label_key
         Label column (e.g. cell type): the first biological covariate of the invariant prior and
-        the target of the predictor. Cells with `unknown_label` use the label-marginal prior.
+        the target of the predictor. Cells with `unknown_label` use the label-marginal prior (see
+        `label_prior`).
     invariant_keys, spurious_keys
         Extra biological / technical obs columns for the two priors; `continuous_keys` lists those
         to treat as continuous.
@@ -129,6 +131,10 @@ class InVAE:
         batch given the label, and the ELBO alone does not enforce it. 'mmd' (default, weight 300:
         :meth:`scinv.module.InVAEModule.batch_invariance_mmd`, the whole distribution) or 'mean'
         (weight 10: :meth:`scinv.module.InVAEModule.batch_invariance`, the means only).
+    label_prior
+        Mixture weights over labels of the prior of cells without a label: 'uniform' (default, as
+        scANVI's label prior) or 'frequency' (the labelled cells' label frequencies, which impose the
+        reference's composition on an unlabelled batch and pull its cells towards common labels).
     classifier_weight
         Weight of an auxiliary classifier of the labels from z_inv trained jointly (labels are
         targets, never encoder inputs). Without it the invariant latent can collapse when the
@@ -173,7 +179,8 @@ class InVAE:
 
     # -- construction helpers -------------------------------------------------------------------------
     def _label_frequencies(self) -> torch.Tensor | None:
-        if self._data is None or self.registry.n_labels == 0:
+        """Mixture weights of the label-marginal prior (K,); None: uniform (InVAEModule's default)."""
+        if self._data is None or self.registry.n_labels == 0 or self.hparams["label_prior"] == "uniform":
             return None
         labels = self._data.labels[self._data.labels >= 0]
         counts = np.bincount(labels, minlength=self.registry.n_labels).astype(np.float32) + 1.0

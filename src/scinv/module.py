@@ -12,7 +12,8 @@ Differences from the reference implementation (theislab/inVAE 0.1.0), each delib
 - no dropout/batch norm after final layers (including prior log-variances), one linear map
   before the softmax;
 - cells with unknown labels get the label-marginal prior: a mixture of the label-conditional
-  priors weighted by the label frequencies (Monte-Carlo KL), instead of a fake label.
+  priors (Monte-Carlo KL), instead of a fake label; its weights are uniform unless
+  `label_frequencies` are given.
 
 ``SCINV_PLAIN_MATH=1`` runs every fused kernel and speed trick as plain torch autograd math
 (:func:`plain_math`, read at every call; see :mod:`scinv.nn.fastmath`).
