@@ -115,13 +115,6 @@ class ModelConfig:
         choices=("gaussian", "nf"),
     )
     label_prior: str = option(
-        "frequency",
-        "Mixture weights of p(z_inv) for cells without a label: 'frequency' (the labelled cells' label frequencies), "
-        "'uniform', or 'batch' (each batch's own label proportions, learned by maximum likelihood).",
-        pipeline=True,
-        choices=("frequency", "uniform", "batch"),
-    )
-    label_prior: str = option(
         "uniform",
         "Mixture weights over labels of p(z_inv) for cells without a label: 'uniform' (as scANVI's label prior) or 'frequency' "
         "(the labelled cells' label frequencies: the reference's composition imposed on unlabelled batches). Measured over "
