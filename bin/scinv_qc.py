@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from scinv.cli import step
+from scinv.cli import key_list, step
 from scinv.io import read_h5ad, write_h5ad
 from scinv.preprocess import QCThresholds, load_sample, qc_sample, qc_table
 
@@ -23,6 +23,7 @@ from scinv.preprocess import QCThresholds, load_sample, qc_sample, qc_table
 @click.option("--batch-key", default="batch", help="obs column with the batch of each cell.")
 @click.option("--label-key", default="", help="obs column with cell labels (optional).")
 @click.option("--unknown-label", default="Unknown", help="Value given to unlabelled cells.")
+@click.option("--obs-keys", default="", help="Comma list of further obs columns that must exist (invariant/spurious covariates).")
 @click.option(
     "--min-genes",
     default=None,
@@ -49,6 +50,7 @@ def main(
     batch_key,
     label_key,
     unknown_label,
+    obs_keys,
     min_genes,
     min_counts,
     max_counts,
@@ -60,7 +62,7 @@ def main(
     """Flag low-quality cells and doublets of one sample (NORMALIZE removes them and merges the samples)."""
     if row_json:
         row = json.loads(Path(row_json).read_text())
-        adata = load_sample(input_path, row, batch_key, label_key, annotations, unknown_label)
+        adata = load_sample(input_path, row, batch_key, label_key, annotations, unknown_label, key_list(obs_keys))
     else:
         adata = read_h5ad(input_path)
         if "counts" not in adata.layers:

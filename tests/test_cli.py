@@ -67,6 +67,50 @@ def test_qc_non_integer_counts(tmp_path, small_adata):
     assert not (tmp_path / "q.h5ad").exists()
 
 
+def test_samplesheet_h5ad_files_bring_their_own_labels(tmp_path, small_adata):
+    """Per-sample .h5ad files whose obs hold the labels (CELLxGENE downloads, a split atlas) need no --annotations."""
+    t = lambda n: str(tmp_path / n)  # noqa: E731
+    rows = ["sample,path,batch"]
+    for i, batch in enumerate(["b0", "b1", "b2"], start=1):
+        part = small_adata[(small_adata.obs["batch"] == batch).to_numpy()].copy()
+        part.obs = part.obs[["cell_type"]].astype(str)
+        part.obs.iloc[:5, 0] = "nan"  # unlabelled, as exports write it
+        write_h5ad(part, tmp_path / f"{batch}.h5ad")
+        rows.append(f"S{i},{batch}.h5ad,{batch}")
+    (tmp_path / "sheet.csv").write_text("\n".join(rows) + "\n")
+    res = run_script("scinv_check_input.py", "--input", t("sheet.csv"), "--output", t("valid.csv"), "--label-key", "cell_type")
+    assert res.returncode == 0, res.stderr
+    valid = pd.read_csv(t("valid.csv"), dtype=str, keep_default_na=False)
+    qc_options = ("--label-key", "cell_type", "--min-genes", "10", "--min-counts", "10", "--no-doublets")
+    for i, row in enumerate(valid.to_dict("records"), start=1):
+        Path(t(f"row{i}.json")).write_text(json.dumps({k: v for k, v in row.items() if k != "path"}))
+        res = run_script("scinv_qc.py", "--input", row["path"], "--row", t(f"row{i}.json"), "--output", t(f"q{i}.h5ad"), *qc_options)
+        assert res.returncode == 0, res.stderr
+    merge = ("--output", t("n.h5ad"), "--summary", t("qs.csv"), "--cells", t("qc.parquet"))
+    res = run_script("scinv_normalize.py", t("q1.h5ad"), t("q2.h5ad"), t("q3.h5ad"), *merge)
+    assert res.returncode == 0, res.stderr
+    merged = ad.read_h5ad(t("n.h5ad"))
+    expected = small_adata.obs["cell_type"].astype(str).set_axis([f"S{int(b[1]) + 1}_{c}" for b, c in zip(small_adata.obs["batch"], small_adata.obs_names)])
+    labels = merged.obs["cell_type"].astype(str)
+    assert (labels == "Unknown").sum() == 15
+    known = labels[labels != "Unknown"]
+    assert len(known) > 500 and (known == expected.reindex(known.index)).all()
+    assert merged.obs.groupby("sample", observed=True)["batch"].first().to_dict() == {"S1": "b0", "S2": "b1", "S3": "b2"}
+
+    # a file without the column: CHECK_INPUT names it when it can read it, QC when it cannot (the pipeline's case)
+    part = ad.read_h5ad(t("b2.h5ad"))
+    del part.obs["cell_type"]
+    write_h5ad(part, tmp_path / "b2.h5ad")
+    res = run_script("scinv_check_input.py", "--input", t("sheet.csv"), "--output", t("v2.csv"), "--label-key", "cell_type")
+    assert res.returncode == 2 and "b2.h5ad: obs column 'cell_type' not found" in one_error_line(res.stderr)
+    assert not (tmp_path / "v2.csv").exists()
+    res = run_script("scinv_check_input.py", "--input", t("sheet.csv"), "--output", t("v2.csv"), "--label-key", "cell_type", "--no-check-files")
+    assert res.returncode == 0, res.stderr
+    res = run_script("scinv_qc.py", "--input", t("b2.h5ad"), "--row", t("row3.json"), "--output", t("q3b.h5ad"), *qc_options)
+    assert res.returncode == 2 and "b2.h5ad: obs column 'cell_type' not found" in one_error_line(res.stderr)
+    assert not (tmp_path / "q3b.h5ad").exists()
+
+
 def test_steps_chain_on_small_data(tmp_path, small_adata):
     """CHECK_INPUT -> QC -> NORMALIZE -> TRAIN -> EXPORT -> REPORT on synthetic counts."""
     small_adata.obs["condition"] = ["healthy" if b == "b0" else "disease" for b in small_adata.obs["batch"]]

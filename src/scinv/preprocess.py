@@ -183,14 +183,40 @@ def validate_input(
     columns = [c for c in sheet.columns if c not in SHEET_PATH_COLUMNS]
     if annotations:
         columns += [c for c in _annotation_columns(Path(annotations), sheet["sample"]) if c not in columns]
-    for key in keys:
-        if key and key not in columns:
-            raise ScinvInputError(f"{where}: obs column '{key}' not found (available: {columns}); fix the parameter or samplesheet")
+    per_cell = [key for key in keys if key and key not in columns]
+    if per_cell:
+        _check_keys_in_h5ad_obs(sheet, per_cell, columns, where, check_files)
     sheet[batch_key] = _batch_values(sheet[batch_key], batch_key, where).to_numpy()
     _require_batches(sheet[batch_key], batch_key, where, min_batches)
     sheet.insert(2, "shown_path", [sheet.attrs["shown"][p] for p in sheet["path"]])
     sheet.insert(3, "keep_obs", False)
     return sheet
+
+
+def _check_keys_in_h5ad_obs(sheet: pd.DataFrame, keys: list[str], columns: list[str], where: str, read_files: bool) -> None:
+    """Per-cell obs columns the samplesheet lacks may come from every sample's own .h5ad obs.
+
+    QC checks each file (the pipeline's CHECK_INPUT cannot see them); with `read_files` they are
+    checked here too, reading obs only.
+    """
+    from .io import read_h5ad
+
+    not_h5ad = [name for name, path in zip(sheet["sample"], sheet["path"]) if not str(path).lower().endswith(".h5ad")]
+    if not_h5ad:
+        raise ScinvInputError(
+            f"{where}: obs column '{keys[0]}' not found (available: {columns}); fix the parameter, or add it to the samplesheet "
+            f"or --annotations (sample '{not_h5ad[0]}' is not an .h5ad, whose obs could hold it)"
+        )
+    if not read_files:
+        return
+    for path in sheet["path"]:
+        obs = read_h5ad(path, matrices=False).obs.columns
+        missing = [key for key in keys if key not in obs]
+        if missing:
+            shown = sheet.attrs.get("shown", {}).get(path, path)
+            raise ScinvInputError(
+                f"{shown}: obs column '{missing[0]}' not found (obs: {list(obs)[:10]}); fix the parameter, or add it to this file's obs or the samplesheet"
+            )
 
 
 def _require_batches(batches: pd.Series, batch_key: str, where: str, min_batches: int = 2) -> None:
@@ -235,9 +261,9 @@ def _read_sample_counts(path: str, shown: str | None) -> ad.AnnData:
 
 
 def _obs_from_row(adata: ad.AnnData, row: dict) -> ad.AnnData:
-    """Cell ids `<sample>_<barcode>` and obs columns from the samplesheet row (path columns left out)."""
+    """Cell ids `<sample>_<barcode>`; obs columns from the samplesheet row (path columns left out)
+    over the file's own per-cell obs (an .h5ad's annotations; 10x files have none)."""
     adata.obs_names = [f"{row['sample']}_{bc}" for bc in adata.obs_names]
-    adata.obs = pd.DataFrame(index=adata.obs_names)
     for col, value in row.items():
         if col not in SHEET_PATH_COLUMNS:
             adata.obs[col] = pd.Categorical([str(value)] * adata.n_obs)
@@ -251,11 +277,14 @@ def load_sample(
     label_key: str | None = None,
     annotations: str | None = None,
     unknown_label: str = "Unknown",
+    obs_keys: list[str] | None = None,
 ) -> ad.AnnData:
     """QC's input: one sample's counts with obs from its samplesheet `row` (see :func:`validate_input`).
 
     Cell ids become `<sample>_<barcode>` and the annotations join on them; a split .h5ad
-    (row['keep_obs']) already carries both. Raw counts in X and layers['counts'].
+    (row['keep_obs']) already carries both. An .h5ad keeps its own obs columns, under the row's
+    and the annotations'; the batch, label and `obs_keys` columns must then exist. Raw counts in
+    X and layers['counts'].
     """
     shown = row.get("shown_path") or counts_path
     adata = _read_sample_counts(counts_path, shown)
@@ -264,6 +293,7 @@ def load_sample(
         _make_names_unique(adata, shown)
         if annotations:
             _join_annotations(adata, Path(annotations), unknown_label, require_match=False)
+    check_obs_keys(adata, [batch_key, label_key, *(obs_keys or [])], shown)
     prepare_covariates(adata, batch_key, label_key, unknown_label, shown)
     adata.layers["counts"] = adata.X
     return adata
@@ -288,7 +318,10 @@ def _batch_values(values: pd.Series, batch_key: str, where: str) -> pd.Series:
 def check_obs_keys(adata: ad.AnnData, keys: list[str], where: str) -> None:
     for key in keys:
         if key and key not in adata.obs.columns:
-            raise ScinvInputError(f"{where}: obs column '{key}' not found (available: {list(adata.obs.columns)}); fix the parameter or samplesheet")
+            raise ScinvInputError(
+                f"{where}: obs column '{key}' not found (available: {list(adata.obs.columns)[:20]}); "
+                "fix the parameter, or add the column to the samplesheet or the file's obs"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
