@@ -25,11 +25,13 @@ from scinv.preprocess import validate_input
     help="Check that the samplesheet's files exist (the pipeline checks them before it starts, where they are visible).",
 )
 @click.option("--shown-as", default=None, help="--input as the user wrote it (path or URL); messages name it instead of the staged copy.")
+@click.option("--heldout-batches", default="", help="Comma list of batches whose labels training will hide: each must be a batch of the input.")
 @click.option("--min-batches", default=2, type=int, help="Batches the input needs: 2 to integrate, 1 for a query mapped onto a trained model.")
 @step
-def main(input_path, output, split_dir, batch_key, label_key, obs_keys, annotations, unknown_label, check_files, shown_as, min_batches):
+def main(input_path, output, split_dir, batch_key, label_key, obs_keys, annotations, unknown_label, check_files, shown_as, min_batches, heldout_batches):
     """Validate inputs; count matrices are read per sample by QC."""
-    sheet = validate_input(input_path, batch_key, key_list(obs_keys), annotations, label_key, unknown_label, shown_as, split_dir, check_files, min_batches)
+    keys, heldout = key_list(obs_keys), key_list(heldout_batches)
+    sheet = validate_input(input_path, batch_key, keys, annotations, label_key, unknown_label, shown_as, split_dir, check_files, min_batches, heldout)
     write_table(sheet, output, index=False)
     click.echo(f"CHECK_INPUT: {len(sheet)} sample(s), {sheet[batch_key].nunique()} batch(es)", err=True)
 

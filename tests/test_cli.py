@@ -55,6 +55,19 @@ def test_check_input_unknown_column(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "heldout, says",
+    [("C144,C15", "held-out batches ['C15'] not in column 'batch' (batches: ['C144', 'C146', 'C149'])"), ("C144,C146,C149", "names every batch")],
+)
+def test_check_input_refuses_heldout_batches_it_does_not_have_before_qc(tmp_path, heldout, says):
+    sheet = str(ROOT / "assets" / "samplesheet_test.csv")
+    res = run_script("scinv_check_input.py", "--input", sheet, "--output", str(tmp_path / "o.csv"), "--heldout-batches", heldout)
+    assert res.returncode == 2
+    line = one_error_line(res.stderr)
+    assert "samplesheet_test.csv" in line and says in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_qc_non_integer_counts(tmp_path, small_adata):
     small_adata.X = small_adata.X * 0.5
     del small_adata.layers["counts"]

@@ -151,6 +151,7 @@ def validate_input(
     split_dir: str | None = None,
     check_files: bool = True,
     min_batches: int = 2,
+    heldout_batches: list[str] | None = None,
 ) -> pd.DataFrame:
     """CHECK_INPUT: validate --input without reading count matrices; return one row per sample.
 
@@ -159,7 +160,8 @@ def validate_input(
     obs columns the run needs (`obs_keys`, from the sheet or the annotations) and the annotation
     file. A single .h5ad is read, validated like a merged input, and split by its 'sample' column
     (else by batch) into one .h5ad per sample under `split_dir`, so that both inputs go through
-    the same per-sample steps. Returned columns: sample, path (as written, or the split file),
+    the same per-sample steps. `heldout_batches` must name batches of the input, not all of them
+    (checked here, before QC, as well as by training). Returned columns: sample, path (as written, or the split file),
     shown_path (for messages), keep_obs (a split file carries its own obs), the batch column and
     the sheet's other columns.
     """
@@ -174,6 +176,7 @@ def validate_input(
         check_obs_keys(adata, keys, where)
         prepare_covariates(adata, batch_key, label_key, unknown_label, where)
         _require_batches(adata.obs[batch_key], batch_key, where, min_batches)
+        _check_heldout_batches(adata.obs[batch_key], batch_key, heldout_batches, where)
         return _split_by_sample(adata, Path(split_dir or "."), batch_key)
     if not (path.suffix.lower() in (".csv", ".tsv", ".txt") or not path.suffix):
         raise ScinvInputError(f"{where}: input must be a samplesheet .csv or an .h5ad file")
@@ -188,6 +191,7 @@ def validate_input(
         _check_keys_in_h5ad_obs(sheet, per_cell, columns, where, check_files)
     sheet[batch_key] = _batch_values(sheet[batch_key], batch_key, where).to_numpy()
     _require_batches(sheet[batch_key], batch_key, where, min_batches)
+    _check_heldout_batches(sheet[batch_key], batch_key, heldout_batches, where)
     sheet.insert(2, "shown_path", [sheet.attrs["shown"][p] for p in sheet["path"]])
     sheet.insert(3, "keep_obs", False)
     return sheet
@@ -225,6 +229,11 @@ def _require_batches(batches: pd.Series, batch_key: str, where: str, min_batches
             f"{where}: only one batch in column '{batch_key}'; integration needs two or more. "
             "Set --batch_key to a column with several values, or add samples from other batches"
         )
+
+
+def _check_heldout_batches(batches: pd.Series, batch_key: str, heldout: list[str] | None, where: str) -> None:
+    if heldout and heldout_cells(pd.DataFrame({batch_key: batches}), batch_key, heldout, where).all():
+        raise ScinvInputError(f"{where}: heldout_batches names every batch; keep at least one labelled batch for training")
 
 
 def _split_by_sample(adata: ad.AnnData, folder: Path, batch_key: str) -> pd.DataFrame:
@@ -350,7 +359,10 @@ def heldout_cells(obs: pd.DataFrame, batch_key: str, heldout: list[str], where: 
     batches = obs[batch_key].astype(str)
     missing = sorted(set(heldout) - set(batches.unique()))
     if missing:
-        raise ScinvInputError(f"{where}: held-out batches {missing} not in column '{batch_key}'; use values of that column in heldout_batches")
+        raise ScinvInputError(
+            f"{where}: held-out batches {missing} not in column '{batch_key}' (batches: {sorted(batches.unique())[:20]}); "
+            "use values of that column in heldout_batches"
+        )
     return batches.isin(heldout).to_numpy()
 
 
