@@ -52,7 +52,7 @@ def main(
     if heldout:  # before scIB: a bad batch name should cost seconds, not minutes
         transfer = label_transfer_table(adata, keys + [baseline], batch_key, label_key, heldout, unknown_label)
     df = run_scib(adata, keys, batch_key, label_key, profile, baseline, max_cells, unknown_label, n_jobs, seed)
-    if heldout:
+    if heldout and transfer is not None:
         write_table(transfer, transfer_out)
         click.echo(transfer.to_string(float_format=lambda v: f"{v:.3f}"), err=True)
     write_table(df, output)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -254,6 +255,20 @@ def test_metrics_missing_embedding(tmp_path, small_adata):
     res = run_script("scinv_metrics.py", "--input", str(tmp_path / "f.h5ad"), "--output", str(tmp_path / "m.csv"), "--label-key", "cell_type")
     assert res.returncode == 2 and "run the export step" in one_error_line(res.stderr)
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_metrics_on_an_unlabelled_heldout_batch_scores_integration_and_skips_transfer(tmp_path, small_adata):
+    """A held-out batch without labels is a query to predict: METRICS warns instead of failing after training."""
+    rng = np.random.default_rng(0)
+    for key in ("X_scinv_inv", "X_scinv", "X_pca"):
+        small_adata.obsm[key] = rng.normal(size=(small_adata.n_obs, 8)).astype(np.float32)
+    small_adata.obs["cell_type"] = small_adata.obs["cell_type"].astype(str).where(small_adata.obs["batch"] != "b2", "Unknown")
+    write_h5ad(small_adata, tmp_path / "f.h5ad")
+    outputs = ("--output", str(tmp_path / "m.csv"), "--label-transfer", str(tmp_path / "t.csv"))
+    res = run_script("scinv_metrics.py", "--input", str(tmp_path / "f.h5ad"), *outputs, "--label-key", "cell_type", "--heldout-batches", "b2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no labelled cells in the held-out batches ['b2']: label transfer is not scored" in res.stderr
+    assert (tmp_path / "m.csv").exists() and not (tmp_path / "t.csv").exists()
 
 
 def test_report_on_non_h5ad(tmp_path):

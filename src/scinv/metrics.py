@@ -180,19 +180,22 @@ def label_transfer_table(
     unknown_label: str = "Unknown",
     prediction_key: str | None = "scinv_prediction",
     n_neighbors: int = 15,
-) -> pd.DataFrame:
+) -> pd.DataFrame | None:
     """Label transfer from the labelled batches to the held-out ones; one row per method.
 
     Each embedding is scored by a kNN classifier (`n_neighbors`, distance-weighted) fitted on the
     reference cells; `prediction_key` (the invariant predictor's output) and every baseline's own
     predictions (obs '<method>_prediction', from :func:`add_baseline_embeddings`) are scored as
-    they are. Columns: accuracy, macro_f1, n_reference, n_query.
+    they are. Columns: accuracy, macro_f1, n_reference, n_query. None, with a warning, when the
+    held-out batches have no labelled cell (a query to predict, not to score) or the others have none.
     """
     from sklearn.neighbors import KNeighborsClassifier
 
     ref, query = heldout_mask(adata.obs, batch_key, label_key, heldout, unknown_label)
     if not query.any() or not ref.any():
-        raise ScinvInputError("metrics: no labelled cells in the held-out batches or none outside them; check heldout_batches and label_key")
+        side = "in the held-out batches" if not query.any() else "outside the held-out batches"
+        log.warning("no labelled cells %s %s: label transfer is not scored (the cells still get predictions)", side, heldout)
+        return None
     truth = as_strings(adata.obs[label_key]).fillna("").str.strip().to_numpy()
     rows = {}
     if prediction_key and prediction_key in adata.obs:
