@@ -45,6 +45,14 @@ def test_bad_samplesheets(tmp_path, text, needle):
     assert "samples.csv" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_samplesheet_with_trailing_commas_drops_the_empty_column(tmp_path):
+    (tmp_path / "a.h5ad").write_text("x")
+    df = read_samplesheet(sheet(tmp_path, "sample,path,batch,\nA,a.h5ad,b1,\n"))
+    assert list(df.columns) == ["sample", "path", "batch"] and df.loc[0, "batch"] == "b1"
+    with pytest.raises(ScinvInputError, match="a column has no name"):
+        read_samplesheet(sheet(tmp_path, "sample,path,\nA,a.h5ad,b1\n"))
+
+
 def test_missing_samplesheet(tmp_path):
     with pytest.raises(ScinvInputError, match="not found"):
         read_samplesheet(tmp_path / "nope.csv")

@@ -73,9 +73,11 @@ def test_adding_a_sample_reruns_only_that_samples_tasks_on_resume(tmp_path):
     assert "Submitted process > SCINV:NORMALIZE" in again.stdout
 
 
-def test_missing_sample_file_stops_before_any_task_with_one_line(tmp_path):
+# a spreadsheet's CSV export: a byte-order mark, and an empty last column (a trailing comma on every line)
+@pytest.mark.parametrize("start, end", [("", ""), ("\ufeff", ",")], ids=["plain", "spreadsheet-export"])
+def test_missing_sample_file_stops_before_any_task_with_one_line(tmp_path, start, end):
     sheet = tmp_path / "sheet.csv"
-    sheet.write_text(f"sample,path\nC149,{ROOT}/assets/liao2020/GSM4475052_C149_filtered_feature_bc_matrix.h5\nX,nowhere.h5\n")
+    sheet.write_text(f"{start}sample,path{end}\nC149,{ROOT}/assets/liao2020/GSM4475052_C149_filtered_feature_bc_matrix.h5{end}\nX,nowhere.h5{end}\n")
     res = run_nextflow("run", MAIN, "--input", str(sheet), "--outdir", str(tmp_path / "o"), cwd=tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode != 0

@@ -181,6 +181,8 @@ def read_samplesheet(
     if missing:
         raise ScinvInputError(f"{shown_sheet}: missing required column(s) {missing}; the header must start with 'sample,path' (found {list(df.columns)})")
     unnamed = [c for c in df.columns if not c or c.startswith("Unnamed")]
+    blank = [c for c in unnamed if (df[c].str.strip() == "").all()]  # a trailing comma on every line, as spreadsheets export
+    df, unnamed = df.drop(columns=blank), [c for c in unnamed if c not in blank]
     if unnamed:
         raise ScinvInputError(f"{shown_sheet}: a column has no name; give every column a header")
     if len(df) == 0:

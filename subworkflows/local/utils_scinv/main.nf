@@ -64,12 +64,17 @@ def samplePath(sheet, String given) {
 def checkSampleFiles(sheet) {
     if (!sheet.name.toLowerCase().endsWith('.csv')) return
     def rows
-    try { rows = sheet.splitCsv(header: true) } catch (Exception e) { return }
-    rows.each { row ->
-        def given = row.path?.toString()?.trim()
-        if (!given || !row.sample) return
+    try { rows = sheet.splitCsv(header: false) } catch (Exception e) { return }  // no header map: it refuses an empty column name (trailing commas)
+    if (!rows) return
+    def header = rows[0].collect { it?.toString()?.replace('\uFEFF', '')?.trim() }
+    def (iSample, iPath) = [header.indexOf('sample'), header.indexOf('path')]
+    if (iSample < 0 || iPath < 0) return
+    rows.drop(1).each { row ->
+        def sample = row.size() > iSample ? row[iSample]?.toString()?.trim() : null
+        def given = row.size() > iPath ? row[iPath]?.toString()?.trim() : null
+        if (!given || !sample) return
         def f = samplePath(sheet, given)
-        if (!f.exists()) error("ERROR: ${sheet}: file for sample '${row.sample.trim()}' not found: ${f}; fix the path column")
+        if (!f.exists()) error("ERROR: ${sheet}: file for sample '${sample}' not found: ${f}; fix the path column")
     }
 }
 
