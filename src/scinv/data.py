@@ -19,7 +19,7 @@ from anndata.abc import CSRDataset
 
 from .errors import ScinvInputError
 from .labels import UNKNOWN_LABEL, as_strings, normalize_labels, unlabelled
-from .preprocess import heldout_cells
+from .preprocess import heldout_training_cells
 
 COUNT_HISTOGRAM_BINS = 16
 _SUFFIX_SUM = torch.ones(COUNT_HISTOGRAM_BINS, COUNT_HISTOGRAM_BINS).tril()  # hist @ it sums the bins i >= j
@@ -450,9 +450,7 @@ def hide_heldout_labels(obs: pd.DataFrame, batch_key: str, label_key: str, heldo
     for key in (batch_key, label_key):
         if key not in obs.columns:
             raise ScinvInputError(f"{where}: obs column '{key}' not found; fix batch_key/label_key")
-    hidden = heldout_cells(obs, batch_key, heldout, where)
-    if hidden.all():
-        raise ScinvInputError(f"{where}: heldout_batches names every batch; keep at least one labelled batch for training")
+    hidden = heldout_training_cells(obs, batch_key, heldout, where)
     labels = obs[label_key].astype(str).to_numpy(copy=True)
     labels[hidden] = unknown_label
     return pd.Series(labels, index=obs.index, name=label_key)

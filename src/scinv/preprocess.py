@@ -13,7 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import ScinvInputError, first_line
-from .io import check_counts, read_counts, read_samplesheet
+from .io import check_counts, read_counts, read_h5ad, read_samplesheet
 from .labels import as_strings, normalize_labels
 
 log = logging.getLogger("scinv")
@@ -176,7 +176,7 @@ def validate_input(
         check_obs_keys(adata, keys, where)
         prepare_covariates(adata, batch_key, label_key, unknown_label, where)
         _require_batches(adata.obs[batch_key], batch_key, where, min_batches)
-        _check_heldout_batches(adata.obs[batch_key], batch_key, heldout_batches, where)
+        heldout_training_cells(adata.obs, batch_key, heldout_batches or [], where)
         return _split_by_sample(adata, Path(split_dir or "."), batch_key)
     if not (path.suffix.lower() in (".csv", ".tsv", ".txt") or not path.suffix):
         raise ScinvInputError(f"{where}: input must be a samplesheet .csv or an .h5ad file")
@@ -191,7 +191,7 @@ def validate_input(
         _check_keys_in_h5ad_obs(sheet, per_cell, columns, where, check_files)
     sheet[batch_key] = _batch_values(sheet[batch_key], batch_key, where).to_numpy()
     _require_batches(sheet[batch_key], batch_key, where, min_batches)
-    _check_heldout_batches(sheet[batch_key], batch_key, heldout_batches, where)
+    heldout_training_cells(sheet, batch_key, heldout_batches or [], where)
     sheet.insert(2, "shown_path", [sheet.attrs["shown"][p] for p in sheet["path"]])
     sheet.insert(3, "keep_obs", False)
     return sheet
@@ -203,8 +203,6 @@ def _check_keys_in_h5ad_obs(sheet: pd.DataFrame, keys: list[str], columns: list[
     QC checks each file (the pipeline's CHECK_INPUT cannot see them); with `read_files` they are
     checked here too, reading obs only.
     """
-    from .io import read_h5ad
-
     not_h5ad = [name for name, path in zip(sheet["sample"], sheet["path"]) if not str(path).lower().endswith(".h5ad")]
     if not_h5ad:
         raise ScinvInputError(
@@ -229,11 +227,6 @@ def _require_batches(batches: pd.Series, batch_key: str, where: str, min_batches
             f"{where}: only one batch in column '{batch_key}'; integration needs two or more. "
             "Set --batch_key to a column with several values, or add samples from other batches"
         )
-
-
-def _check_heldout_batches(batches: pd.Series, batch_key: str, heldout: list[str] | None, where: str) -> None:
-    if heldout and heldout_cells(pd.DataFrame({batch_key: batches}), batch_key, heldout, where).all():
-        raise ScinvInputError(f"{where}: heldout_batches names every batch; keep at least one labelled batch for training")
 
 
 def _split_by_sample(adata: ad.AnnData, folder: Path, batch_key: str) -> pd.DataFrame:
@@ -364,6 +357,14 @@ def heldout_cells(obs: pd.DataFrame, batch_key: str, heldout: list[str], where: 
             "use values of that column in heldout_batches"
         )
     return batches.isin(heldout).to_numpy()
+
+
+def heldout_training_cells(obs: pd.DataFrame, batch_key: str, heldout: list[str], where: str) -> np.ndarray:
+    """:func:`heldout_cells`, refusing `heldout` lists that leave training no labelled batch."""
+    hidden = heldout_cells(obs, batch_key, heldout, where)
+    if hidden.all():
+        raise ScinvInputError(f"{where}: heldout_batches names every batch; keep at least one labelled batch for training")
+    return hidden
 
 
 def qc_metrics(adata: ad.AnnData, mito_pattern: str = MITO_PATTERN, ribo_pattern: str = RIBO_PATTERN) -> None:
