@@ -4,6 +4,7 @@
 #   containers/build.sh --cuda             # also scinv-cuda:<version> from a PyTorch CUDA runtime
 #   BASE_IMAGE=... CUDA_BASE_IMAGE=... TORCH_INDEX_URL=... containers/build.sh
 #   TRUST_HOST_CA=1 containers/build.sh    # builds behind a TLS-intercepting proxy
+#   DOCKERFILE=path containers/build.sh    # another Dockerfile (benchmarks/bench_image_disk.py compares two)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/pyproject.toml")"
@@ -15,7 +16,8 @@ if [ "${TRUST_HOST_CA:-0}" = 1 ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; t
     cp /etc/ssl/certs/ca-certificates.crt "$extra_ca/host-bundle.crt"
 fi
 build() {  # tag base
-    docker build --network host -f "$root/containers/Dockerfile" \
+    # --force-rm: a step that fails (e.g. out of disk while committing) leaves no 7 GB container behind
+    docker build --force-rm --network host -f "${DOCKERFILE:-$root/containers/Dockerfile}" \
         --build-arg BASE_IMAGE="$2" --build-arg SCINV_VERSION="$version" \
         --build-arg TORCH_INDEX_URL="${TORCH_INDEX_URL:-}" -t "$1:$version" "$root"
 }

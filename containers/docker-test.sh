@@ -45,16 +45,18 @@ base_image() {
 ensure_engine
 base="$(base_image)"
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
-# PyPI's torch brings the CUDA libraries: the image is ~7.6 GB and its build needs ~15 GB more while
-# pip unpacks; a failed build's cache is dropped first (a CI run once ran out of disk here)
+# PyPI's torch brings the CUDA libraries: the image is 7.6 GB and its build takes 10.4 GB of free
+# disk at its peak (benchmarks/bench_image_disk.py); CI ran out of disk here twice. A failed
+# build's cache is dropped first.
 docker builder prune -f >/dev/null 2>&1 || true
 root_dir="$(docker info -f '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)"
-free_gb="$(df -Pk "$root_dir" | awk 'NR==2 {print int($4 / 1048576)}')"
-log "free disk under $root_dir: ${free_gb} GB (the build needs ~20 GB)"
-[ "$free_gb" -ge 20 ] || log "warning: less than 20 GB free; the build may fail with 'No space left on device' (docker system prune frees old images)"
+free_gb() { df -Pk "$root_dir" | awk 'NR==2 {print int($4 * 1024 / 1e9)}'; }
+log "free disk under $root_dir: $(free_gb) GB (the build takes ~10.5 GB)"
+[ "$(free_gb)" -ge 11 ] || log "warning: less than 11 GB free; the build may fail with 'no space left on device' (docker system prune frees old images)"
 log "building scinv:$version from $base"
 previous="$(docker image inspect -f '{{.Id}}' "scinv:$version" 2>/dev/null || true)"
-BASE_IMAGE="$base" TRUST_HOST_CA=1 containers/build.sh >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+BASE_IMAGE="$base" TRUST_HOST_CA=1 containers/build.sh >"$out/build.log" 2>&1 \
+    || { tail -30 "$out/build.log"; log "build failed; free disk under $root_dir now $(free_gb) GB"; df -h / "$root_dir" >&2; exit 1; }
 # a rebuild leaves the previous image untagged (~7.6 GB each): reruns on one host filled its disk
 if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "scinv:$version")" ]; then
     docker rmi "$previous" >/dev/null 2>&1 || log "could not remove the previous image $previous (in use?)"
