@@ -7,6 +7,7 @@ import datetime as dt
 import html
 import io
 import json
+import logging
 
 import matplotlib
 
@@ -16,6 +17,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .labels import unlabelled  # noqa: E402
+
+log = logging.getLogger("scinv")
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;color:#222;padding:0 1em}
@@ -294,6 +297,11 @@ def build_report(
     for basis, name in (("X_umap_scinv_inv", "invariant latent"), ("X_umap_scinv_spur", "spurious latent"), ("X_umap_pca", "unintegrated PCA")):
         if basis in adata.obsm:
             umaps += f"<h3>{name}</h3>" + umap_grid(adata, basis, colour_keys, name)
+    missing = [k for k in extra_keys if k and k not in adata.obs.columns]
+    if umaps and missing:
+        # a typo in --report_color_keys would otherwise only show as a missing panel
+        log.warning("report: obs has no column %s (--report_color_keys); those UMAP panels are left out", missing)
+        umaps += f"<p class='note'>Not in obs, so not plotted: {html.escape(', '.join(missing))} (<code>--report_color_keys</code>).</p>"
     if umaps:
         sections.append(("Embeddings", umaps))
     if metrics is not None:
