@@ -156,6 +156,30 @@ def test_training_loss_is_the_same_with_and_without_the_fused_latent(monkeypatch
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_input_thinning_thins_the_encoder_input_in_training_only():
+    """input_thinning: binomial thinning per cell (never more counts, zeros stay zero, the kept fraction
+    within [input_thinning, 1]); the evaluation forward and the reconstruction target are untouched."""
+    torch.manual_seed(0)
+    m = InVAEModule(n_genes=400, n_labels=2, n_inv_covariates=0, n_spur_covariates=2, input_thinning=0.3)
+    x = torch.poisson(torch.rand(64, 400) * 6)
+    thinned = m.thinned_log1p(x).expm1().round()
+    assert (thinned <= x).all() and (thinned[x == 0] == 0).all()
+    kept = thinned.sum(1) / x.sum(1)
+    assert kept.min() > 0.2 and kept.max() <= 1.0 and kept.std() > 0.1  # one fraction per cell, spread over [0.3, 1]
+    assert not torch.equal(m.thinned_log1p(x), m.thinned_log1p(x))  # redrawn each call
+    spur = torch.nn.functional.one_hot(torch.arange(64) % 2, 2).float()
+    batch = {"x": x, "label": torch.zeros(64, dtype=torch.long), "inv": torch.zeros(64, 0), "spur": spur}
+    plain = InVAEModule(n_genes=400, n_labels=2, n_inv_covariates=0, n_spur_covariates=2)
+    plain.load_state_dict(m.state_dict())
+    m.eval(), plain.eval()
+    assert torch.equal(m(batch)["loss"], plain(batch)["loss"])
+    m.train(), plain.train()
+    torch.manual_seed(1)
+    thinned_loss = m(batch)["loss"]
+    torch.manual_seed(1)
+    assert not torch.equal(thinned_loss, plain(batch)["loss"])
+
+
 def test_hidden_layers_before_batch_norm_have_no_bias_and_old_biases_fold_into_running_means():
     """A bias before batch norm is dead weight (the norm removes it); models saved with one load exactly."""
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Options no other test exercised, each through the real model or the real step script:
-tc_weight, kl_inv_weight, kl_spur_weight, invariance_weight, label_prior, kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT
---cellxgene, and CHECK_INPUT's errors for a bad --annotations file."""
+tc_weight, kl_inv_weight, kl_spur_weight, invariance_weight, label_prior, input_thinning, kl_estimator='sample', prior_mode 'variance'/'both', QC
+--mad-threshold, EXPORT --cellxgene, and CHECK_INPUT's errors for a bad --annotations file."""
 
 import copy
 
@@ -204,6 +204,15 @@ def test_a_model_saved_before_an_option_existed_loads_with_the_behaviour_it_trai
     assert (module.invariance_kernel, module.invariance_weight, module.kl_inv_weight, module.kl_spur_weight) == ("mean", 0.0, 1.0, 1.0)
     module = InVAE.from_state(model._config(), model._state_dict()).module  # saved today: its own values
     assert (module.invariance_kernel, module.invariance_weight, module.kl_inv_weight, module.kl_spur_weight) == ("mmd", 300.0, 0.1, 0.1)
+
+
+def test_input_thinning_reaches_the_module_and_is_saved(data):
+    model = make_model(data, input_thinning=0.3)
+    assert model.module.input_thinning == 0.3
+    assert InVAE.from_state(model._config(), model._state_dict()).module.input_thinning == 0.3
+    config = copy.deepcopy(model._config())
+    del config["hparams"]["input_thinning"]  # a model saved before the option: trained without thinning
+    assert InVAE.from_state(config, model._state_dict()).module.input_thinning == 0.0
 
 
 def test_invariance_kernel_mmd_is_the_training_penalty_and_is_saved(data):

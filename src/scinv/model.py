@@ -47,6 +47,7 @@ HPARAMS_BEFORE_THEY_EXISTED = {
     "invariance_kernel": "mean",
     "prior_family": "gaussian",
     "label_prior": "frequency",
+    "input_thinning": 0.0,
 }
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 REPRESENTATIONS = ("inv", "spur", "full")
@@ -213,6 +214,7 @@ class InVAE:
             invariance_confidence=h["invariance_confidence"],
             invariance_kernel=h["invariance_kernel"],
             prior_family=h["prior_family"],
+            input_thinning=h["input_thinning"],
         )
 
     @property

@@ -127,6 +127,7 @@ class InVAEModule(nn.Module):
         invariance_confidence: float = 0.0,
         invariance_kernel: str = "mean",
         prior_family: str = "gaussian",
+        input_thinning: float = 0.0,
     ):
         super().__init__()
         if kl_estimator not in ("analytic", "sample"):
@@ -136,6 +137,7 @@ class InVAEModule(nn.Module):
         if prior_family not in PRIOR_FAMILIES:
             raise ValueError(f"prior_family must be one of {PRIOR_FAMILIES}, got {prior_family!r}")
         self.prior_family = prior_family
+        self.input_thinning = input_thinning
         self.n_genes, self.n_labels = n_genes, n_labels
         self.n_latent_inv, self.n_latent_spur = n_latent_inv, n_latent_spur
         self.kl_estimator, self.tc_weight = kl_estimator, tc_weight
@@ -377,6 +379,15 @@ class InVAEModule(nn.Module):
         )
         return -total / x.shape[0]
 
+    def thinned_log1p(self, x: torch.Tensor) -> torch.Tensor:
+        """log1p of (B, G) counts binomially thinned per cell to a capture fraction from [input_thinning, 1]:
+        the encoder learns to place a shallower copy of a cell where the cell is (a lower-capture technology)."""
+        keep = torch.empty(x.shape[0], 1, device=x.device).uniform_(self.input_thinning, 1.0).expand_as(x)
+        nonzero = x > 0  # binomial draws only where there are counts (~20 % of entries)
+        thinned = torch.zeros_like(x)
+        thinned[nonzero] = torch.binomial(x[nonzero], keep[nonzero])
+        return torch.log1p(thinned)
+
     def forward(self, batch: dict[str, torch.Tensor], kl_weight: float = 1.0, dataset_size: int = 1) -> dict[str, torch.Tensor]:
         """Per-minibatch mean losses (scalars): 'loss', 'reconstruction', 'kl_inv', 'kl_spur', 'tc',
         'classification', 'score_matching', 'invariance'.
@@ -388,6 +399,8 @@ class InVAEModule(nn.Module):
         """
         x = batch["x"]
         x_log = batch["x_log"] if "x_log" in batch else torch.log1p(x)
+        if self.training and self.input_thinning > 0:
+            x_log = self.thinned_log1p(x).to(x_log.dtype)
         label, inv, spur = batch["label"], batch["inv"], batch["spur"]
         encoder_covariates = self._encoder_covariates(spur)
         score_matching = torch.zeros((), device=x.device)
