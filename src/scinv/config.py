@@ -128,8 +128,8 @@ class ModelConfig:
         "Lowest capture fraction of the encoder's training input: each cell's counts are binomially thinned to a fraction "
         "drawn from [input_thinning, 1] before encoding, and the decoder still reconstructs the full counts, so z_inv is "
         "learnt to hold across sequencing depth and capture (technologies, chemistries); 0: off. Measured (docs/benchmarks.md, "
-        "session 26): 0.3 raised transfer under a simulated chemistry shift by 0.004 (3 seeds, above every baseline), "
-        "within the seed noise elsewhere, lowered batch correction (-0.03 on the synthetic set) and doubles CPU training time.",
+        "session 26): 0.3 raised transfer under a simulated chemistry shift by 0.004 (3 seeds, above every baseline's mean), "
+        "within the seed noise elsewhere, lowered batch correction (-0.035 on the synthetic set), CPU training 1.7-1.9x as long.",
         pipeline=True,
         minimum=0,
         maximum=1,
