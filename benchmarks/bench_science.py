@@ -16,6 +16,8 @@ Datasets (the data files are read from ../shared/data or the bundled assets, nev
 - liao: the bundled Liao et al. 2020 BALF data, donor C149 held out (as `-profile test`);
 - kang_chemistry: the Kang donors as three simulated 10x chemistries (per-gene capture efficiency,
   see `load_kang_chemistry`), batch = chemistry, the third one (2 donors) held out;
+- kang_reads: the Kang donors, two of them as a read-count protocol would give them (every UMI
+  amplified into reads with a per-gene bias, see `load_kang_reads`), held out: a depth shift of ~20x;
 - synthetic: NB counts with strong batch effects and weak type markers, batch b3 held out.
 
 Results go row by row into a CSV (`--csv`); runs already in it are skipped, so an interrupted
@@ -125,6 +127,42 @@ def load_kang_chemistry():
     adata = adata[np.asarray(adata.X.sum(axis=1)).ravel() > 0].copy()
     adata.layers["counts"] = adata.X.copy()
     return prepare(adata), [["chem_c"]]
+
+
+def amplified_reads(counts, mean_reads, seed: int, shape: float = 1.0):
+    """Read counts from UMI counts (cells, G): each molecule amplified into NB(mean mean_reads[g], shape)
+    reads, so a count x becomes NB(mean x * mean_reads[g], shape * x) (PCR duplicates of a full-length,
+    non-UMI protocol, with a per-gene amplification bias)."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    m = np.asarray(mean_reads, np.float64)[x.indices]
+    x.data = rng.negative_binomial(shape * x.data.astype(np.float64), shape / (shape + m)).astype(np.float32)
+    x.eliminate_zeros()
+    return x
+
+
+def load_kang_reads():
+    """Kang's 8 donors, batch = donor; the last two (sorted) merged into one batch 'reads' whose UMIs are
+    amplified into reads (mean 20 per molecule, log-sd 0.5 across genes; fixed seed): a protocol without
+    UMIs, ~20x deeper and noisier, held out."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    adata = ad.read_h5ad(SHARED / "kang2018_pbmc_ctrl.h5ad")
+    donors = sorted(adata.obs["batch"].astype(str).unique())
+    batch = adata.obs["batch"].astype(str).map(lambda d: "reads" if d in donors[-2:] else d)
+    adata.obs = pd.DataFrame({"batch": batch, "cell_type": adata.obs["cell_type"].astype(str)}, index=adata.obs_names)
+    rng = np.random.default_rng(2018)  # the same data for every method and seed
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    rows = np.flatnonzero(batch.to_numpy() == "reads")
+    reads = amplified_reads(X[rows], 20.0 * np.exp(rng.normal(-0.125, 0.5, adata.n_vars)), seed=1)
+    X = X.tolil()
+    X[rows] = reads
+    adata.X = X.tocsr()
+    adata.layers["counts"] = adata.X.copy()
+    return prepare(adata), [["reads"]]
 
 
 def load_liao():
@@ -333,6 +371,7 @@ def main() -> None:
         adata, splits = {
             "kang": lambda: load_kang(args.kang_donors.split(",")),
             "kang_chemistry": load_kang_chemistry,
+            "kang_reads": load_kang_reads,
             "liao": load_liao,
             "synthetic": load_synthetic,
         }[name]()
