@@ -180,6 +180,26 @@ def test_input_thinning_thins_the_encoder_input_in_training_only():
     assert not torch.equal(thinned_loss, plain(batch)["loss"])
 
 
+def test_gene_batch_dispersion_is_the_nb_likelihood_with_each_batchs_theta():
+    """dispersion 'gene-batch': a cell's log theta is the gene's plus its batch's offset (the batch one-hot leads spur);
+    the loader's fused-kernel summaries in the batch do not change the result."""
+    torch.manual_seed(0)
+    m = InVAEModule(n_genes=50, n_labels=2, n_inv_covariates=0, n_spur_covariates=3, dispersion="gene-batch", n_batches=2)
+    with torch.no_grad():
+        m.log_theta.normal_()
+        m.log_theta_batch.normal_()
+    x = torch.poisson(torch.rand(8, 50) * 5)
+    env = torch.arange(8) % 2
+    spur = torch.cat([torch.nn.functional.one_hot(env, 2).float(), torch.randn(8, 1)], dim=1)
+    logits, log_lib = torch.randn(8, 50), torch.log(x.sum(1, keepdim=True).clamp_min(1))
+    log_mu = torch.log_softmax(logits, -1) + log_lib
+    expected = -negative_binomial_log_prob(x, log_mu, m.log_theta + m.log_theta_batch[env]).mean()
+    got = m.reconstruction_loss({"x": x, "spur": spur, "count_at_least": torch.zeros(50, 3)}, logits, log_lib)
+    assert torch.allclose(got, expected)
+    with pytest.raises(ValueError, match="n_batches"):
+        InVAEModule(n_genes=50, n_labels=2, n_inv_covariates=0, n_spur_covariates=0, dispersion="gene-batch")
+
+
 def test_hidden_layers_before_batch_norm_have_no_bias_and_old_biases_fold_into_running_means():
     """A bias before batch norm is dead weight (the norm removes it); models saved with one load exactly."""
     torch.manual_seed(0)

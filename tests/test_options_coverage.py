@@ -1,5 +1,5 @@
 """Options no other test exercised, each through the real model or the real step script:
-tc_weight, kl_inv_weight, kl_spur_weight, invariance_weight, label_prior, input_thinning, kl_estimator='sample', prior_mode 'variance'/'both', QC
+tc_weight, kl_inv_weight, kl_spur_weight, invariance_weight, label_prior, input_thinning, dispersion (with map_query), kl_estimator='sample', prior_mode 'variance'/'both', QC
 --mad-threshold, EXPORT --cellxgene, and CHECK_INPUT's errors for a bad --annotations file."""
 
 import copy
@@ -14,6 +14,7 @@ import torch
 from conftest import one_error_line, run_script
 from scinv.data import MinibatchLoader
 from scinv.datasets import synthetic_counts
+from scinv.errors import ScinvInputError
 from scinv.io import write_h5ad
 from scinv.model import InVAE
 from scinv.module import InVAEModule
@@ -213,6 +214,28 @@ def test_input_thinning_reaches_the_module_and_is_saved(data):
     config = copy.deepcopy(model._config())
     del config["hparams"]["input_thinning"]  # a model saved before the option: trained without thinning
     assert InVAE.from_state(config, model._state_dict()).module.input_thinning == 0.0
+
+
+def test_gene_batch_dispersion_trains_one_theta_per_batch_saves_and_maps_new_batches(data):
+    model = make_model(data, dispersion="gene-batch")
+    assert tuple(model.module.log_theta_batch.shape) == (N_BATCHES, data.n_vars)
+    model.train(max_epochs=3, **FAST)
+    assert model.module.log_theta_batch.detach().abs().sum() > 0  # the per-batch offsets trained
+    loaded = InVAE.from_state(model._config(), model._state_dict())
+    assert torch.equal(loaded.module.log_theta_batch, model.module.log_theta_batch)
+    old_model = make_model(data)
+    config = copy.deepcopy(old_model._config())
+    del config["hparams"]["dispersion"]  # a model saved before the option: one theta per gene
+    assert InVAE.from_state(config, old_model._state_dict()).module.log_theta_batch is None
+    query = synthetic_counts(n_cells=120, n_genes=100, n_batches=1, n_types=N_TYPES, seed=3)
+    query.obs["batch"] = "q0"
+    mapped = model.map_query(query, max_epochs=2)
+    old, new = model.module.log_theta_batch.detach(), mapped.module.log_theta_batch.detach()
+    assert new.shape == (N_BATCHES + 1, data.n_vars) and torch.equal(new[:N_BATCHES], old)  # reference rows frozen
+    assert not torch.allclose(new[N_BATCHES], old.mean(0))  # the query's row trained from the reference mean
+    assert InVAE.from_state(mapped._config(), mapped._state_dict()).module.log_theta_batch.shape == new.shape
+    with pytest.raises(ScinvInputError, match="needs a batch_key"):
+        InVAE(data, layer="counts", label_key="cell_type", dispersion="gene-batch")
 
 
 def test_invariance_kernel_mmd_is_the_training_penalty_and_is_saved(data):

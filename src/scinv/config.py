@@ -134,6 +134,14 @@ class ModelConfig:
         minimum=0,
         maximum=1,
     )
+    dispersion: str = option(
+        "gene",
+        "Negative binomial inverse dispersion: 'gene' (one per gene) or 'gene-batch' (one per gene and batch, scVI's "
+        "option: a batch whose technology is noisier, e.g. read counts without UMIs, gets its own, so its noise is not "
+        "explained in the latent). 'gene-batch' uses the plain NB likelihood (no fused kernels) and needs a batch key.",
+        pipeline=True,
+        choices=("gene", "gene-batch"),
+    )
     predictor_hidden: int = option(64, "Hidden units of the invariant predictor.", cli=False)
 
     def __post_init__(self):

@@ -48,6 +48,7 @@ HPARAMS_BEFORE_THEY_EXISTED = {
     "prior_family": "gaussian",
     "label_prior": "frequency",
     "input_thinning": 0.0,
+    "dispersion": "gene",
 }
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 REPRESENTATIONS = ("inv", "spur", "full")
@@ -189,6 +190,8 @@ class InVAE:
 
     def _build_module(self, label_frequencies=None) -> InVAEModule:
         h = self.hparams
+        if h["dispersion"] == "gene-batch" and self.registry.batch is None:
+            raise ScinvInputError("dispersion 'gene-batch' needs a batch_key (one dispersion per gene and batch); set one, or use 'gene'")
         return InVAEModule(
             n_genes=len(self.registry.var_names),
             n_labels=self.registry.n_labels,
@@ -215,6 +218,8 @@ class InVAE:
             invariance_kernel=h["invariance_kernel"],
             prior_family=h["prior_family"],
             input_thinning=h["input_thinning"],
+            dispersion=h["dispersion"],
+            n_batches=self.registry.batch.width if self.registry.batch else 0,
         )
 
     @property
@@ -437,7 +442,8 @@ class InVAE:
 
         The batch category map gains the query's new batches and the spurious prior's first layer
         gains input columns for them; only those columns are trained on the query (plus the encoder
-        when `fine_tune_encoder`). Decoder, dispersion and invariant prior stay frozen, so z_inv keeps
+        when `fine_tune_encoder`, and with dispersion 'gene-batch' the new batches' dispersions, which
+        start at the reference batches' mean). Decoder, reference dispersions and invariant prior stay frozen, so z_inv keeps
         its meaning and, with the encoder frozen, reference latents are unchanged. The query's labels
         are not used unless `use_labels` (they may hold types the reference lacks, and are what
         transfer is scored against). The reference sample is carried over for novelty scores.
@@ -470,6 +476,12 @@ class InVAE:
             layer.weight.register_hook(lambda g, mask=mask: g * mask)
             if not any(layer.weight is p for p in trainable):
                 trainable.append(layer.weight)
+        if new and module.log_theta_batch is not None:  # rows, not columns: one per batch
+            mask = torch.zeros_like(module.log_theta_batch)
+            mask[n_old : n_old + len(new)] = 1.0
+            module.log_theta_batch.requires_grad_(True)
+            module.log_theta_batch.register_hook(lambda g, mask=mask: g * mask)
+            trainable.append(module.log_theta_batch)
         if trainable:
             for p in trainable:
                 p.requires_grad_(True)
@@ -509,6 +521,10 @@ class InVAE:
         if self.module.encoder.covariates is not None:
             # zeros: a new batch starts as "batch unknown", which the encoder was trained for
             self.module.encoder.covariates = widen(self.module.encoder.covariates, "zero")
+        if self.module.log_theta_batch is not None:
+            old = self.module.log_theta_batch.data
+            self.module.log_theta_batch = torch.nn.Parameter(torch.cat([old, old.mean(0, keepdim=True).expand(len(new), -1)]))
+            self.module.n_batches += len(new)
 
     # -- persistence --------------------------------------------------------------------------------------
     def _config(self) -> dict:

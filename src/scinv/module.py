@@ -52,6 +52,8 @@ from .nn.nb import (
 from .nn.predictor import InvariantClassifier, environment_risks, invariant_risk
 from .nn.priors import PRIOR_FAMILIES, PRIOR_MODES, ConditionalPrior, ExponentialFamilyPrior, score_matching_loss
 
+DISPERSIONS = ("gene", "gene-batch")  # NB inverse dispersion per gene, or per gene and batch (scVI's names)
+
 INVARIANCE_KERNELS = ("mean", "mmd")  # InVAEModule.batch_invariance, InVAEModule.batch_invariance_mmd
 
 __all__ = [
@@ -128,12 +130,18 @@ class InVAEModule(nn.Module):
         invariance_kernel: str = "mean",
         prior_family: str = "gaussian",
         input_thinning: float = 0.0,
+        dispersion: str = "gene",
+        n_batches: int = 0,
     ):
         super().__init__()
         if kl_estimator not in ("analytic", "sample"):
             raise ValueError("kl_estimator must be 'analytic' or 'sample'")
         if invariance_kernel not in INVARIANCE_KERNELS:
             raise ValueError(f"invariance_kernel must be one of {INVARIANCE_KERNELS}, got {invariance_kernel!r}")
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}")
+        if dispersion == "gene-batch" and n_batches < 1:
+            raise ValueError("dispersion 'gene-batch' needs n_batches >= 1")
         if prior_family not in PRIOR_FAMILIES:
             raise ValueError(f"prior_family must be one of {PRIOR_FAMILIES}, got {prior_family!r}")
         self.prior_family = prior_family
@@ -154,6 +162,9 @@ class InVAEModule(nn.Module):
         self.encoder = GaussianEncoder(n_genes, n_enc_cov, n_latent, n_hidden, n_layers, dropout, batch_norm)
         self.decoder = CountDecoder(n_latent, n_genes, n_hidden, n_layers, dropout, batch_norm)
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        # 'gene-batch': each batch's log theta is the gene's plus an offset; the batch one-hot is spur's first n_batches columns
+        self.dispersion, self.n_batches = dispersion, n_batches
+        self.log_theta_batch = nn.Parameter(torch.zeros(n_batches, n_genes)) if dispersion == "gene-batch" else None
         if prior_family == "nf":
             self.prior_inv = ExponentialFamilyPrior(n_labels + n_inv_covariates, n_latent_inv, n_hidden=prior_hidden)
         else:
@@ -368,6 +379,10 @@ class InVAEModule(nn.Module):
         :func:`count_lgamma_sum`) when the loader gives per-gene count summaries, else the plain
         :func:`negative_binomial_log_prob`."""
         x = batch["x"]
+        if self.log_theta_batch is not None:  # (B, G) thetas: the fused kernels take one theta per gene
+            log_theta = self.log_theta + batch["spur"][:, : self.n_batches] @ self.log_theta_batch
+            log_mu = F.log_softmax(logits.float(), dim=-1) + log_lib
+            return -negative_binomial_log_prob(x, log_mu, clamp(log_theta, -12.0, 12.0)).mean()
         log_theta = clamp(self.log_theta, -12.0, 12.0)  # theta in [6e-6, 2e5]: keeps exp(log mu - log theta) finite
         if "count_at_least" not in batch:
             log_mu = F.log_softmax(logits.float(), dim=-1) + log_lib
