@@ -1,6 +1,6 @@
 """Options no other test exercised, each through the real model or the real step script:
-tc_weight, kl_inv_weight, kl_spur_weight, invariance_weight, label_prior, input_thinning, dispersion (with map_query), kl_estimator='sample', prior_mode 'variance'/'both', QC
---mad-threshold, EXPORT --cellxgene, and CHECK_INPUT's errors for a bad --annotations file."""
+tc_weight, kl_inv_weight, kl_spur_weight, invariance_weight, label_prior, input_thinning, dispersion (with map_query),
+kl_estimator='sample', prior_mode 'variance'/'both', QC --mad-threshold, EXPORT --cellxgene, and CHECK_INPUT's errors for a bad --annotations file."""
 
 import copy
 
