@@ -27,6 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_science  # noqa: E402  (its loaders, beside this file)
 
 
+def labels_with_five_cells(labels: np.ndarray) -> np.ndarray:
+    """(cells,) bool: cells whose label has at least 5 cells here (5-fold CV needs one per fold)."""
+    names, counts = np.unique(labels, return_counts=True)
+    return np.isin(labels, names[counts >= 5])
+
+
 def own_batch_accuracy(counts, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
     """5-fold CV accuracy of logistic regression and 15-NN on a 50-component PCA of `counts` (cells, genes)
     alone (log1p of counts per 10,000); labels with fewer than 5 cells are left out (CV needs them per fold)."""
@@ -36,8 +42,7 @@ def own_batch_accuracy(counts, labels: np.ndarray, seed: int = 0) -> dict[str, f
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
-    names, counts_per = np.unique(labels, return_counts=True)
-    keep = np.isin(labels, names[counts_per >= 5])
+    keep = labels_with_five_cells(labels)
     adata = ad.AnnData(counts[keep].astype(np.float32))
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
@@ -46,7 +51,7 @@ def own_batch_accuracy(counts, labels: np.ndarray, seed: int = 0) -> dict[str, f
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     classifiers = {"logistic": LogisticRegression(max_iter=3000), "knn15": KNeighborsClassifier(15)}
     scores = {name: float(cross_val_score(clf, z, y, cv=folds).mean()) for name, clf in classifiers.items()}
-    return {**scores, "cells": int(keep.sum()), "labels": int((counts_per >= 5).sum())}
+    return {**scores, "cells": int(keep.sum()), "labels": len(np.unique(y))}
 
 
 def with_reference_accuracy(z: np.ndarray, labels: np.ndarray, query: np.ndarray, seed: int = 0) -> float:
@@ -56,8 +61,7 @@ def with_reference_accuracy(z: np.ndarray, labels: np.ndarray, query: np.ndarray
     from sklearn.model_selection import StratifiedKFold
 
     reference, held = np.flatnonzero(~query), np.flatnonzero(query)
-    names, counts_per = np.unique(labels[held], return_counts=True)
-    held = held[np.isin(labels[held], names[counts_per >= 5])]
+    held = held[labels_with_five_cells(labels[held])]
     right = 0
     for train, test in StratifiedKFold(5, shuffle=True, random_state=seed).split(held, labels[held]):
         fit_on = np.concatenate([reference, held[train]])

@@ -469,19 +469,21 @@ class InVAE:
         n_old = reg.batch.width  # self's registry: the reference batches only
         prior_input = module.prior_spur.net[0] if module.prior_spur.net is not None else None
         new_columns = [layer for layer in (prior_input, module.encoder.covariates) if layer is not None]
+
+        def train_only(param: torch.nn.Parameter, new_part: tuple) -> None:
+            """Train `param[new_part]` (the new batches' slice) and leave the rest as it is."""
+            mask = torch.zeros_like(param)
+            mask[new_part] = 1.0
+            param.requires_grad_(True)
+            param.register_hook(lambda g, mask=mask: g * mask)
+            if not any(param is p for p in trainable):
+                trainable.append(param)
+
+        new_batches = slice(n_old, n_old + len(new))
         for layer in new_columns if new else []:
-            mask = torch.zeros_like(layer.weight)
-            mask[:, n_old : n_old + len(new)] = 1.0
-            layer.weight.requires_grad_(True)
-            layer.weight.register_hook(lambda g, mask=mask: g * mask)
-            if not any(layer.weight is p for p in trainable):
-                trainable.append(layer.weight)
-        if new and module.log_theta_batch is not None:  # rows, not columns: one per batch
-            mask = torch.zeros_like(module.log_theta_batch)
-            mask[n_old : n_old + len(new)] = 1.0
-            module.log_theta_batch.requires_grad_(True)
-            module.log_theta_batch.register_hook(lambda g, mask=mask: g * mask)
-            trainable.append(module.log_theta_batch)
+            train_only(layer.weight, (slice(None), new_batches))  # input columns
+        if new and module.log_theta_batch is not None:
+            train_only(module.log_theta_batch, (new_batches,))  # rows: one per batch
         if trainable:
             for p in trainable:
                 p.requires_grad_(True)

@@ -163,7 +163,7 @@ class InVAEModule(nn.Module):
         self.decoder = CountDecoder(n_latent, n_genes, n_hidden, n_layers, dropout, batch_norm)
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
         # 'gene-batch': each batch's log theta is the gene's plus an offset; the batch one-hot is spur's first n_batches columns
-        self.dispersion, self.n_batches = dispersion, n_batches
+        self.n_batches = n_batches
         self.log_theta_batch = nn.Parameter(torch.zeros(n_batches, n_genes)) if dispersion == "gene-batch" else None
         if prior_family == "nf":
             self.prior_inv = ExponentialFamilyPrior(n_labels + n_inv_covariates, n_latent_inv, n_hidden=prior_hidden)
@@ -377,14 +377,14 @@ class InVAEModule(nn.Module):
         """Mean NB negative log-likelihood per cell (scalar) of x = batch["x"] (B, G) given mu = lib
         softmax(logits), logits (B, G), log_lib (B, 1). Fused kernels (:func:`nb_log_prob_dense`,
         :func:`count_lgamma_sum`) when the loader gives per-gene count summaries, else the plain
-        :func:`negative_binomial_log_prob`."""
+        :func:`negative_binomial_log_prob`, which is also the one for per-batch thetas (the fused kernels take
+        one theta per gene)."""
         x = batch["x"]
-        if self.log_theta_batch is not None:  # (B, G) thetas: the fused kernels take one theta per gene
-            log_theta = self.log_theta + batch["spur"][:, : self.n_batches] @ self.log_theta_batch
-            log_mu = F.log_softmax(logits.float(), dim=-1) + log_lib
-            return -negative_binomial_log_prob(x, log_mu, clamp(log_theta, -12.0, 12.0)).mean()
-        log_theta = clamp(self.log_theta, -12.0, 12.0)  # theta in [6e-6, 2e5]: keeps exp(log mu - log theta) finite
-        if "count_at_least" not in batch:
+        log_theta = self.log_theta
+        if self.log_theta_batch is not None:  # (B, G): the gene's log theta plus the cell's batch offset
+            log_theta = log_theta + batch["spur"][:, : self.n_batches] @ self.log_theta_batch
+        log_theta = clamp(log_theta, -12.0, 12.0)  # theta in [6e-6, 2e5]: keeps exp(log mu - log theta) finite
+        if "count_at_least" not in batch or self.log_theta_batch is not None:
             log_mu = F.log_softmax(logits.float(), dim=-1) + log_lib
             return -negative_binomial_log_prob(x, log_mu, log_theta).mean()
         total = (
