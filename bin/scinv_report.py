@@ -27,7 +27,7 @@ from scinv.report import build_report
 @click.option("--batch-key", default="batch", help="Batch column.")
 @click.option("--label-key", default="", help="Label column.")
 @click.option("--unknown-label", default="Unknown", help="Label value that marks unlabelled cells (left out of the confusion matrix).")
-@click.option("--color-keys", default="condition", help="Comma list of further obs columns to colour UMAPs by.")
+@click.option("--color-keys", default="", help="Comma list of further obs columns to colour UMAPs by.")
 @click.option("--title", default="scinv integration report", help="Report title.")
 @step
 def main(

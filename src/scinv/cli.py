@@ -43,7 +43,10 @@ def step(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+        # scinv's own progress at INFO; other libraries' INFO chatter (e.g. faiss reporting the CPU build it
+        # fell back to as a ModuleNotFoundError) reads like a failure in a task's log, so only their warnings
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
+        logging.getLogger("scinv").setLevel(logging.INFO)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*names are not unique.*")
         try:

@@ -249,7 +249,7 @@ def build_report(
     `reference`: the model's reference sample (scinv.mapping.REFERENCE_FILE), for a mapped query.
     """
     sections: list[tuple[str, str]] = []
-    colour_keys = [k for k in [batch_key, label_key, *extra_keys] if k]
+    colour_keys = list(dict.fromkeys(k for k in [batch_key, label_key, *extra_keys] if k))
     overview = pd.DataFrame(
         {
             "value": [
