@@ -46,7 +46,7 @@ def test_scanvi_baseline_without_labels_is_refused_before_running(tmp_path):
 
 def test_stub_run_wires_every_process(tmp_path):
     # a list typed with spaces after the commas, and a text value with a space, reach each step as one argument
-    lists = ("--heldout_batches", "C149, C146", "--invariant_keys", " condition", "--unknown_label", "not annotated")
+    lists = ("--heldout_batches", "C149, C146", "--invariant_keys", " condition", "--unknown_label", "not annotated", "--report_color_keys", "donor")
     res = run_nextflow("run", MAIN, "-profile", "test", "-stub", "--outdir", str(tmp_path / "o"), *lists, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:]
     for proc in PROCESSES:
@@ -54,6 +54,9 @@ def test_stub_run_wires_every_process(tmp_path):
     check_input = next(p.read_text() for p in (tmp_path / "work").glob("*/*/.command.sh") if "scinv_check_input.py" in p.read_text())
     assert "--heldout-batches 'C149,C146'" in check_input and "--obs-keys 'condition'" in check_input
     assert "--unknown-label 'not annotated'" in check_input
+    # the report colours by --report_color_keys and the model's covariates, each once
+    report = next(p.read_text() for p in (tmp_path / "work").glob("*/*/.command.sh") if "_report.html" in p.read_text())
+    assert "--color-keys 'donor,condition'" in report
 
 
 def test_adding_a_sample_reruns_only_that_samples_tasks_on_resume(tmp_path):

@@ -36,7 +36,9 @@ process REPORT {
     """
 
     stub:
+    def args = task.ext.args ?: ''
     """
+    echo ${args}
     touch ${meta.id}_report.html
     printf '"%s":\\n    scinv: stub\\n' "${task.process}" > versions.yml
     """
