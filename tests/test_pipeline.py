@@ -54,7 +54,7 @@ def test_stub_run_wires_every_process(tmp_path):
     check_input = next(p.read_text() for p in (tmp_path / "work").glob("*/*/.command.sh") if "scinv_check_input.py" in p.read_text())
     assert "--heldout-batches 'C149,C146'" in check_input and "--obs-keys 'condition'" in check_input
     assert "--unknown-label 'not annotated'" in check_input
-    # the report colours by --report_color_keys and the model's covariates, each once
+    # the report colours by --report_color_keys and the model's covariates (build_report drops repeats)
     report = next(p.read_text() for p in (tmp_path / "work").glob("*/*/.command.sh") if "_report.html" in p.read_text())
     assert "--color-keys 'donor,condition'" in report
 
